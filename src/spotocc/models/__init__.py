@@ -1,0 +1,1 @@
+"""Occupancy models: image backbone, LSS view transformer, sparse voxel encoder and neck, heads."""

@@ -1,0 +1,1 @@
+"""Mask-classification occupancy heads (SPOT-Occ and the SparseOcc baseline) and their parts."""

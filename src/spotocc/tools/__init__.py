@@ -1,0 +1,1 @@
+"""Command-line tools: data preparation and checks, visualisation, checkpoint conversion, info."""
