@@ -21,9 +21,9 @@ KITTI_RANGE = (0.0, -25.6, -2.0, 51.2, 25.6, 4.4)
 KITTI_IMAGE_WH = (160, 48)
 KITTI_INPUT_SIZE = (32, 128)
 
-# P2-like projection for a 160x48 image (KITTI's P2 scaled down), with a stereo offset column.
+# P2-like projection for a 160x48 image with a large stereo-offset column (visible in pixels).
 KITTI_P2 = np.array(
-    [[72.0, 0.0, 80.0, 4.5], [0.0, 72.0, 22.0, 0.02], [0.0, 0.0, 1.0, 0.003]], dtype=np.float64
+    [[72.0, 0.0, 80.0, 60.0], [0.0, 72.0, 22.0, 0.02], [0.0, 0.0, 1.0, 0.003]], dtype=np.float64
 )
 KITTI_P0 = np.array([[72.0, 0.0, 80.0, 0.0], [0.0, 72.0, 22.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
 # velodyne (x fwd, y left, z up) -> rectified cam0 (x right, y down, z fwd), plus a small offset.
