@@ -102,8 +102,8 @@ def check_info(info: Any, index: int, path: Path, cameras: Sequence[str]) -> Non
             raise DataFileError(path, f"{where} {camera} sensor2lidar_rotation is singular")
 
 
-def load_infos(path: str | Path, cameras: Sequence[str] = CAMERAS) -> list[dict[str, Any]]:
-    """The checked info list of an info pickle, sorted by timestamp (stable)."""
+def read_info_list(path: str | Path) -> list[Any]:
+    """The (unchecked) ``infos`` list of an info pickle, loaded with the restricted unpickler."""
     path = Path(path)
     data = load_restricted_pickle(path, "info file")
     if isinstance(data, dict):
@@ -114,6 +114,13 @@ def load_infos(path: str | Path, cameras: Sequence[str] = CAMERAS) -> list[dict[
         infos = data
     if not isinstance(infos, list):
         raise DataFileError(path, f"'infos' is a {type(infos).__name__}, expected a list")
+    return infos
+
+
+def load_infos(path: str | Path, cameras: Sequence[str] = CAMERAS) -> list[dict[str, Any]]:
+    """The checked info list of an info pickle, sorted by timestamp (stable)."""
+    path = Path(path)
+    infos = read_info_list(path)
     for i, info in enumerate(infos):
         check_info(info, i, path, cameras)
     return sorted(infos, key=lambda info: info["timestamp"])
