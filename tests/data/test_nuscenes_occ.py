@@ -45,6 +45,19 @@ def test_densify_orientation_noise_and_duplicates():
     assert not densify_occupancy(np.zeros((0, 4), dtype=np.int64), (2, 2, 2)).any()
 
 
+def test_densify_matches_a_brute_force_vote():
+    rng = np.random.default_rng(7)
+    rows = np.c_[rng.integers(0, 2, (400, 3)), rng.integers(0, 5, 400)]  # 8 voxels, many conflicts
+    rows = np.r_[rows, [[1, 1, 1, 3]] * 3]
+    dense = densify_occupancy(rows, (2, 2, 2))
+    for x, y, z in np.ndindex(2, 2, 2):
+        votes = rows[(rows[:, 2] == x) & (rows[:, 1] == y) & (rows[:, 0] == z), 3]
+        votes = np.where(votes == 0, 255, votes)
+        counts = {label: int((votes == label).sum()) for label in set(votes.tolist())}
+        top = max(counts.values())
+        assert dense[x, y, z] == min(label for label, c in counts.items() if c == top)
+
+
 def test_sample_dict_sorting_geometry_and_gt(tmp_path, tiny):
     paths = tiny.make_nusc_dataset(tmp_path, n_samples=3)
     ds = _dataset(tiny, paths)

@@ -59,6 +59,12 @@ def test_kitti_check_api_and_split_errors(tmp_path, tiny):
     root = tiny.make_kitti_dataset(tmp_path, sequences=("08",), frames=("000000",))
     report = check_semantic_kitti(root, splits=["val", "test"], occ_size=tiny.KITTI_OCC_SIZE, quick=True)
     assert report.ok and report.files_checked == 5  # val and test share sequence 08: counted once
+    image = root / "dataset/sequences/08/image_2/000000.png"
+    good = image.read_bytes()
+    image.write_bytes(b"not an image")
+    report = check_semantic_kitti(root, splits=["val"], occ_size=tiny.KITTI_OCC_SIZE, quick=True)
+    assert [p.problem[:22] for p in report.problems] == ["image does not decode:"]
+    image.write_bytes(good)
     report = check_semantic_kitti(root, splits=["train"], occ_size=tiny.KITTI_OCC_SIZE)
     assert not report.ok and "split train: no frames" in report.problems[0].problem
     # A grid that does not match the files: every voxel file is the wrong size.

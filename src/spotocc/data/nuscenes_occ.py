@@ -155,7 +155,8 @@ def read_sparse_occupancy(path: str | Path, occ_size: Sequence[int], num_classes
         )
     if not np.issubdtype(rows.dtype, np.number) or np.issubdtype(rows.dtype, np.complexfloating):
         raise DataFileError(path, f"occupancy array has dtype {rows.dtype}, expected integers")
-    if rows.size and not (np.isfinite(rows).all() and (rows == np.round(rows)).all()):
+    floating = np.issubdtype(rows.dtype, np.floating)
+    if floating and rows.size and not (np.isfinite(rows).all() and (rows == np.round(rows)).all()):
         raise DataFileError(path, "occupancy array holds non-integer values")
     rows = rows.astype(np.int64)
     size_zyx = (occ_size[2], occ_size[1], occ_size[0])
@@ -185,16 +186,30 @@ def densify_occupancy(rows: np.ndarray, occ_size: Sequence[int]) -> np.ndarray:
     dense = np.zeros((size_x, size_y, size_z), dtype=np.uint8)
     if rows.shape[0] == 0:
         return dense
-    labels = rows[:, 3].copy()
+    if rows[:, 3].min() < 0 or rows[:, 3].max() > 255:
+        raise ValueError("densify_occupancy: labels must be in 0..255")
+    labels = rows[:, 3].astype(np.uint8)
     labels[labels == 0] = IGNORE
     flat = (rows[:, 2] * size_y + rows[:, 1]) * size_z + rows[:, 0]
-    keys, counts = np.unique(flat * 256 + labels, return_counts=True)
+    flat_dense = dense.reshape(-1)
+    flat_dense[flat] = labels
+    if np.array_equal(flat_dense[flat], labels):
+        # Every row agrees with what its voxel holds, so all rows of a voxel share one label: that
+        # label is also the most frequent one. This is the usual case (no conflicting duplicates).
+        return dense
+    # Vote only where rows disagree: the voxels of the rows whose label did not stick.
+    conflicted = np.zeros(flat_dense.shape, dtype=bool)
+    conflicted[flat[flat_dense[flat] != labels]] = True
+    in_conflict = conflicted[flat]
+    flat, labels = flat[in_conflict], labels[in_conflict].astype(np.int64)
+    keys, counts = np.unique(flat * 256 + labels, return_counts=True)  # sorted by (voxel, label)
     cells, cell_labels = keys // 256, keys % 256
-    order = np.lexsort((cell_labels, -counts, cells))  # per cell: highest count, then smallest label
-    cells, cell_labels = cells[order], cell_labels[order]
-    first = np.ones(len(cells), dtype=bool)
-    first[1:] = cells[1:] != cells[:-1]
-    dense.reshape(-1)[cells[first]] = cell_labels[first]
+    starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
+    run = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(keys)]))
+    best = counts == np.maximum.reduceat(counts, starts)[run]
+    candidates = np.flatnonzero(best)  # per voxel the first maximum is the smallest label
+    first = candidates[np.r_[True, run[candidates][1:] != run[candidates][:-1]]]
+    flat_dense[cells[first]] = cell_labels[first]
     return dense
 
 

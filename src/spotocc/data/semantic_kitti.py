@@ -93,11 +93,16 @@ def learning_map_lut() -> np.ndarray:
 
 
 _LUT = learning_map_lut()
+_LUT_UINT16 = np.full(1 << 16, IGNORE, dtype=np.uint8)  # every uint16 id: one gather per voxel
+_LUT_UINT16[: len(_LUT)] = _LUT
 
 
 def remap_labels(raw: np.ndarray) -> np.ndarray:
     """Raw SemanticKITTI ids (any integer array) -> uint8 classes; ids outside the table -> 255."""
-    raw = np.asarray(raw).astype(np.int64)
+    raw = np.asarray(raw)
+    if raw.dtype == np.uint16:
+        return _LUT_UINT16[raw]
+    raw = raw.astype(np.int64)
     out = np.full(raw.shape, IGNORE, dtype=np.uint8)
     known = (raw >= 0) & (raw < len(_LUT))
     out[known] = _LUT[raw[known]]

@@ -122,13 +122,14 @@ def normalize_image(img: Image.Image, *, bgr_input: bool) -> torch.Tensor:
     R,G,B statistics, so channel 0 is ``(B - 123.675) / 58.395``. ``False`` gives plain RGB, which
     is what the released KITTI pipeline feeds (it read BGR with OpenCV, so its swap was correct).
     """
-    pixels = np.asarray(img, dtype=np.float32)  # [H, W, 3] RGB
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))  # [H, W, 3] RGB
     if bgr_input:
-        pixels = pixels[..., ::-1]
-    mean = np.asarray(IMAGE_MEAN, dtype=np.float64)
-    inv_std = 1.0 / np.asarray(IMAGE_STD, dtype=np.float64)
-    normed = ((pixels - mean) * inv_std).astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(normed.transpose(2, 0, 1)))  # [3, H, W]
+        pixels = pixels.flip(-1)
+    # float32 arithmetic with float32 statistics, as OpenCV does inside mmcv's imnormalize
+    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32)
+    inv_std = torch.tensor([1.0 / s for s in IMAGE_STD], dtype=torch.float32)
+    normed = (pixels.to(torch.float32) - mean) * inv_std  # [H, W, 3]
+    return normed.permute(2, 0, 1).contiguous()  # [3, H, W]
 
 
 def denormalize_image(img: torch.Tensor, *, bgr_input: bool) -> np.ndarray:
