@@ -108,14 +108,16 @@ def load_npy(path: str | Path, what: str) -> np.ndarray:
 # Restricted unpickling (info files)
 
 # Globals a plain info pickle may reference: containers and numpy arrays/scalars, nothing that can
-# run code. numpy >= 2 moved numpy.core to numpy._core; both spellings appear in real files.
+# run code. numpy >= 2 moved numpy.core to numpy._core; both spellings appear in real files, and
+# protocol-2 pickles name the builtins module "__builtin__".
 _ALLOWED_GLOBALS = frozenset(
     {
         ("collections", "OrderedDict"),
-        ("builtins", "set"),
-        ("builtins", "frozenset"),
-        ("builtins", "bytearray"),
-        ("builtins", "complex"),
+        *(
+            (module, name)
+            for module in ("builtins", "__builtin__")
+            for name in ("set", "frozenset", "bytearray", "complex")
+        ),
         ("_codecs", "encode"),  # protocol-2 pickles store bytes (numpy array buffers) this way
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
