@@ -169,7 +169,10 @@ def create_nuscenes_infos(
     if not data_root.is_dir():
         raise FileNotFoundError(f"nuScenes data root {data_root} does not exist")
     NuScenes, splits = _import_devkit()
-    nusc = NuScenes(version=version, dataroot=str(data_root), verbose=False)
+    try:
+        nusc = NuScenes(version=version, dataroot=str(data_root), verbose=False)
+    except (AssertionError, OSError, KeyError, ValueError) as err:  # the devkit asserts on missing tables
+        raise RuntimeError(f"nuscenes-devkit could not load {version} from {data_root}: {err!r}") from err
     scene_names = _split_scenes(splits, version)
     available, skipped = _available_scene_tokens(nusc)
     if skipped:
