@@ -195,6 +195,9 @@ def test_preprocessed_label_checks(tmp_path):
     np.save(tmp_path / "b.npy", np.full((4, 4, 8), 20, dtype=np.float32))
     with pytest.raises(DataFileError, match="outside 0..19 and 255"):
         read_preprocessed_gt(tmp_path / "b.npy", (4, 4, 8))
+    assert read_preprocessed_gt(tmp_path / "b.npy", (4, 4, 8), header_only=True) is None  # values unread
+    with pytest.raises(DataFileError, match=r"shape \(4, 4, 2\)"):
+        read_preprocessed_gt(tmp_path / "a.npy", (4, 4, 8), header_only=True)
 
 
 def test_grid_size_must_allow_bit_packing(tmp_path, tiny):

@@ -41,14 +41,10 @@ def require_file(path: str | Path, what: str = "file") -> Path:
     return path
 
 
-def read_binary(
+def check_binary_size(
     path: str | Path, dtype: Any, *, what: str, count: int | None = None, row: int = 1
-) -> np.ndarray:
-    """A flat array of ``dtype`` from a raw binary file.
-
-    ``count``: the exact number of values the file must hold (else "wrong size"); otherwise the file
-    must hold a whole number of rows of ``row`` values.
-    """
+) -> Path:
+    """Check a raw binary file's size without reading it (see :func:`read_binary`); returns its path."""
     path = require_file(path, what)
     itemsize = np.dtype(dtype).itemsize
     size = path.stat().st_size
@@ -63,6 +59,18 @@ def read_binary(
         raise DataFileError(
             path, f"{what} has {size} bytes, not a whole number of {row}-value {np.dtype(dtype)} rows"
         )
+    return path
+
+
+def read_binary(
+    path: str | Path, dtype: Any, *, what: str, count: int | None = None, row: int = 1
+) -> np.ndarray:
+    """A flat array of ``dtype`` from a raw binary file.
+
+    ``count``: the exact number of values the file must hold (else "wrong size"); otherwise the file
+    must hold a whole number of rows of ``row`` values.
+    """
+    path = check_binary_size(path, dtype, what=what, count=count, row=row)
     try:
         return np.fromfile(path, dtype=dtype)
     except OSError as err:
@@ -95,11 +103,11 @@ def probe_image(path: str | Path) -> tuple[int, int]:
         raise DataFileError(path, f"image does not decode: {err}") from err
 
 
-def load_npy(path: str | Path, what: str) -> np.ndarray:
-    """A ``.npy`` array (no pickled objects allowed)."""
+def load_npy(path: str | Path, what: str, *, header_only: bool = False) -> np.ndarray:
+    """A ``.npy`` array (no pickled objects allowed); ``header_only`` maps it without reading the data."""
     path = require_file(path, what)
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False, mmap_mode="r" if header_only else None)
     except (ValueError, OSError, EOFError) as err:
         raise DataFileError(path, f"{what} is not a readable .npy array: {err}") from err
 

@@ -36,6 +36,7 @@ from spotocc.data.depth import lidar_depth_targets
 from spotocc.data.files import (
     DataFileError,
     MissingFileError,
+    check_binary_size,
     load_npy,
     read_binary,
     read_image,
@@ -166,19 +167,33 @@ def _voxel_count(occ_size: Sequence[int]) -> int:
 
 
 def read_bitpacked_voxels(
-    path: str | Path, occ_size: Sequence[int], what: str = "bit-packed voxel file"
-) -> np.ndarray:
-    """A bit-packed voxel file (``.invalid``, ``.bin``, ``.occluded``) -> bool ``[X, Y, Z]``."""
-    count = _voxel_count(occ_size)
-    packed = read_binary(path, np.uint8, what=what, count=count // 8)
+    path: str | Path, occ_size: Sequence[int], what: str = "bit-packed voxel file", *, size_only: bool = False
+) -> np.ndarray | None:
+    """A bit-packed voxel file (``.invalid``, ``.bin``, ``.occluded``) -> bool ``[X, Y, Z]``.
+
+    ``size_only``: only check the file size against the grid (returns None).
+    """
+    count = _voxel_count(occ_size) // 8
+    if size_only:
+        check_binary_size(path, np.uint8, what=what, count=count)
+        return None
+    packed = read_binary(path, np.uint8, what=what, count=count)
     return unpack_bits(packed).astype(bool).reshape(tuple(occ_size))
 
 
-def read_raw_labels(path: str | Path, occ_size: Sequence[int]) -> np.ndarray:
-    """A ``.label`` voxel file -> raw uint16 ids ``[X, Y, Z]``."""
-    return read_binary(path, np.uint16, what="voxel label file", count=_voxel_count(occ_size)).reshape(
-        tuple(occ_size)
-    )
+def read_raw_labels(
+    path: str | Path, occ_size: Sequence[int], *, size_only: bool = False
+) -> np.ndarray | None:
+    """A ``.label`` voxel file -> raw uint16 ids ``[X, Y, Z]`` (``size_only``: check the size only).
+
+    Every uint16 value is valid content (unknown ids become ignored voxels), so the size is all there
+    is to check.
+    """
+    count = _voxel_count(occ_size)
+    if size_only:
+        check_binary_size(path, np.uint16, what="voxel label file", count=count)
+        return None
+    return read_binary(path, np.uint16, what="voxel label file", count=count).reshape(tuple(occ_size))
 
 
 def read_voxel_gt(label_path: str | Path, invalid_path: str | Path, occ_size: Sequence[int]) -> np.ndarray:
@@ -189,13 +204,20 @@ def read_voxel_gt(label_path: str | Path, invalid_path: str | Path, occ_size: Se
     return labels
 
 
-def read_preprocessed_gt(path: str | Path, occ_size: Sequence[int]) -> np.ndarray:
-    """A released ``labels/SS/FFFFFF_1_1.npy`` (float32, values 0..19 or 255) -> uint8 ``[X, Y, Z]``."""
-    array = load_npy(path, "preprocessed label file")
+def read_preprocessed_gt(
+    path: str | Path, occ_size: Sequence[int], *, header_only: bool = False
+) -> np.ndarray | None:
+    """A released ``labels/SS/FFFFFF_1_1.npy`` (float32, values 0..19 or 255) -> uint8 ``[X, Y, Z]``.
+
+    ``header_only``: check shape and dtype without reading the values (returns None).
+    """
+    array = load_npy(path, "preprocessed label file", header_only=header_only)
     if array.shape != tuple(occ_size):
         raise DataFileError(path, f"preprocessed labels have shape {array.shape}, expected {tuple(occ_size)}")
     if not (np.issubdtype(array.dtype, np.number) and not np.issubdtype(array.dtype, np.complexfloating)):
         raise DataFileError(path, f"preprocessed labels have dtype {array.dtype}, expected numbers")
+    if header_only:
+        return None
     valid = ((array >= 0) & (array < NUM_CLASSES) & (array == np.round(array))) | (array == IGNORE)
     if not valid.all():
         bad = np.unique(array[~valid])[:5]
@@ -205,8 +227,11 @@ def read_preprocessed_gt(path: str | Path, occ_size: Sequence[int]) -> np.ndarra
     return array.astype(np.uint8)
 
 
-def read_velodyne(path: str | Path) -> np.ndarray:
-    """A velodyne scan -> float32 ``[P, 4]`` (x, y, z, reflectance)."""
+def read_velodyne(path: str | Path, *, size_only: bool = False) -> np.ndarray | None:
+    """A velodyne scan -> float32 ``[P, 4]`` (x, y, z, reflectance); ``size_only``: check the size only."""
+    if size_only:
+        check_binary_size(path, np.float32, what="velodyne scan", row=4)
+        return None
     return read_binary(path, np.float32, what="velodyne scan", row=4).reshape(-1, 4)
 
 

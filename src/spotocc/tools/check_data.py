@@ -121,18 +121,29 @@ def _check_kitti_frame(
     if with_gt:
         npy = kitti.label_npy_path(root, sequence, frame)
         if npy.is_file():
-            report.check(npy, kitti.read_preprocessed_gt, npy, occ_size)
+            report.check(npy, kitti.read_preprocessed_gt, npy, occ_size, header_only=quick)
         else:
+            # Raw voxel files: any content of the right size is valid, so their sizes are checked
+            # without reading them (a full SemanticKITTI holds ~90 GB of .label files).
             label = voxels / f"{frame}.label"
-            report.check(label, kitti.read_raw_labels, label, occ_size)
+            report.check(label, kitti.read_raw_labels, label, occ_size, size_only=True)
             invalid = voxels / f"{frame}.invalid"
-            report.check(invalid, kitti.read_bitpacked_voxels, invalid, occ_size, "invalid-voxel file")
+            report.check(
+                invalid, kitti.read_bitpacked_voxels, invalid, occ_size, "invalid-voxel file", size_only=True
+            )
     occupancy = voxels / f"{frame}.bin"
     if occupancy.exists():  # not used by the camera model, but a wrong size means a wrong grid
-        report.check(occupancy, kitti.read_bitpacked_voxels, occupancy, occ_size, "voxel occupancy file")
+        report.check(
+            occupancy,
+            kitti.read_bitpacked_voxels,
+            occupancy,
+            occ_size,
+            "voxel occupancy file",
+            size_only=True,
+        )
     if with_lidar:
         velodyne = seq / "velodyne" / f"{frame}.bin"
-        report.check(velodyne, kitti.read_velodyne, velodyne)
+        report.check(velodyne, kitti.read_velodyne, velodyne, size_only=True)
     return report
 
 
@@ -330,7 +341,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="split to check (repeatable; default: the config's train and val splits)",
     )
     parser.add_argument("--every-5th-scan", action="store_true", help="SemanticKITTI: only every 5th frame")
-    parser.add_argument("--quick", action="store_true", help="check image headers only, do not decode pixels")
+    parser.add_argument(
+        "--quick", action="store_true", help="check image and .npy headers only, do not decode or read values"
+    )
     parser.add_argument("--workers", type=int, default=4, help="threads checking files in parallel")
     parser.add_argument("--max-report", type=int, default=200, help="print at most this many problems")
 
