@@ -1,0 +1,418 @@
+"""``spotocc check-data``: report every missing, truncated, wrong-size or unreadable dataset file.
+
+Walks a SemanticKITTI or nuScenes-Occupancy tree the way the readers will read it and checks every
+file with the readers' own loading functions (:mod:`spotocc.data.files` and the two reader modules),
+so the messages are the ones training would stop with, but all of them at once::
+
+    spotocc check-data --preset spotocc_kitti --set data.root=data/SemanticKITTI
+    spotocc check-data --format semantickitti --root data/synthetic_tiny --occ-size 64 64 16
+    spotocc check-data --preset spotocc_nusc_256 --split val --quick
+
+The exit code is 1 if any problem was found, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from spotocc.config import Config, apply_overrides, get_config
+from spotocc.data import nuscenes_occ as nusc
+from spotocc.data import semantic_kitti as kitti
+from spotocc.data.files import DataFileError, MissingFileError, probe_image, read_image
+
+DEFAULT_PRESETS = {"semantickitti": "spotocc_kitti", "nuscenes-occupancy": "spotocc_nusc_256"}
+
+
+@dataclass
+class Problem:
+    path: str
+    problem: str
+    missing: bool = False
+
+    def __str__(self) -> str:
+        return f"{'MISSING' if self.missing else 'BAD':8s}{self.path}: {self.problem}"
+
+
+@dataclass
+class Report:
+    """Problems found, files checked and informational notes."""
+
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    files_checked: int = 0
+    _seen: set[str] = field(default_factory=set)
+
+    def check(self, key: str | Path, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one file check once per ``key``; record its error, return its result (None on error)."""
+        key = str(key)
+        if key in self._seen:
+            return None
+        self._seen.add(key)
+        self.files_checked += 1
+        try:
+            return fn(*args, **kwargs)
+        except DataFileError as err:
+            self.problems.append(Problem(err.path, err.problem, isinstance(err, MissingFileError)))
+            return None
+
+    def merge(self, other: Report) -> None:
+        """Add another report's findings, counting a file or a problem seen by both only once."""
+        self.files_checked += len(other._seen - self._seen)
+        self._seen |= other._seen
+        known = {(p.path, p.problem) for p in self.problems}
+        self.problems.extend(p for p in other.problems if (p.path, p.problem) not in known)
+        self.notes.extend(other.notes)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        missing = sum(p.missing for p in self.problems)
+        return (
+            f"{self.files_checked} files checked, {len(self.problems)} problems "
+            f"({missing} missing, {len(self.problems) - missing} bad)"
+        )
+
+
+def _image_checker(quick: bool) -> Callable[[Path], Any]:
+    return probe_image if quick else read_image
+
+
+def _call(task: Callable[[], Report]) -> Report:
+    return task()
+
+
+def _run_parallel(tasks: Iterable[Callable[[], Report]], workers: int) -> list[Report]:
+    tasks = list(tasks)
+    if workers <= 1:
+        return [task() for task in tasks]
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # file I/O and PIL decoding release the GIL
+        return list(pool.map(_call, tasks))
+
+
+# --------------------------------------------------------------------------------------------------
+# SemanticKITTI
+
+
+def _check_kitti_frame(
+    root: Path,
+    sequence: str,
+    frame: str,
+    *,
+    occ_size: Sequence[int],
+    cameras: Sequence[str],
+    with_gt: bool,
+    with_lidar: bool,
+    quick: bool,
+) -> Report:
+    report = Report()
+    seq = kitti.sequence_dir(root, sequence)
+    for camera in cameras:
+        path = seq / camera / f"{frame}.png"
+        report.check(path, _image_checker(quick), path)
+    voxels = seq / "voxels"
+    if with_gt:
+        npy = kitti.label_npy_path(root, sequence, frame)
+        if npy.is_file():
+            report.check(npy, kitti.read_preprocessed_gt, npy, occ_size, header_only=quick)
+        else:
+            # Raw voxel files: any content of the right size is valid, so their sizes are checked
+            # without reading them (a full SemanticKITTI holds ~90 GB of .label files).
+            label = voxels / f"{frame}.label"
+            report.check(label, kitti.read_raw_labels, label, occ_size, size_only=True)
+            invalid = voxels / f"{frame}.invalid"
+            report.check(
+                invalid, kitti.read_bitpacked_voxels, invalid, occ_size, "invalid-voxel file", size_only=True
+            )
+    occupancy = voxels / f"{frame}.bin"
+    if occupancy.exists():  # not used by the camera model, but a wrong size means a wrong grid
+        report.check(
+            occupancy,
+            kitti.read_bitpacked_voxels,
+            occupancy,
+            occ_size,
+            "voxel occupancy file",
+            size_only=True,
+        )
+    if with_lidar:
+        velodyne = seq / "velodyne" / f"{frame}.bin"
+        report.check(velodyne, kitti.read_velodyne, velodyne, size_only=True)
+    return report
+
+
+def check_semantic_kitti(
+    root: str | Path,
+    *,
+    splits: Sequence[str],
+    train_splits: Sequence[str] = ("train",),
+    occ_size: Sequence[int] = (256, 256, 32),
+    cameras: Sequence[str] = ("image_2",),
+    every_5th_scan: bool = False,
+    quick: bool = False,
+    workers: int = 4,
+) -> Report:
+    """Check the files of ``splits`` of a SemanticKITTI tree (velodyne scans only for ``train_splits``)."""
+    root = Path(root)
+    report = Report()
+    unknown = [c for c in cameras if c not in kitti.CAMERA_MATRICES]
+    if unknown:
+        raise ValueError(
+            f"SemanticKITTI cameras must be among {sorted(kitti.CAMERA_MATRICES)}, got {unknown}"
+        )
+    if not (root / "dataset" / "sequences").is_dir():
+        report.problems.append(
+            Problem(str(root / "dataset" / "sequences"), "sequences folder is missing", True)
+        )
+        return report
+    tasks: list[Callable[[], Report]] = []
+    queued: set[tuple[str, str, bool, bool]] = set()
+    for split in splits:
+        sequences = kitti.split_sequences(split)
+        with_gt = split not in kitti.SPLITS_WITHOUT_GT
+        with_lidar = split in train_splits
+        n_frames = 0
+        absent = [s for s in sequences if not kitti.sequence_dir(root, s).is_dir()]
+        if absent:
+            report.notes.append(f"split {split}: sequences {', '.join(absent)} are not present")
+        for sequence in sequences:
+            seq = kitti.sequence_dir(root, sequence)
+            if sequence in absent:
+                continue
+            frames = kitti.list_frames(root, sequence)
+            if every_5th_scan:
+                frames = [f for f in frames if kitti.is_every_5th(f)]
+            if not frames:
+                report.notes.append(f"split {split}: sequence {sequence} has no frames")
+                continue
+            n_frames += len(frames)
+            calib_path = seq / "calib.txt"
+            calib = report.check(calib_path, kitti.read_calib, calib_path)
+            for camera in cameras if calib is not None else ():
+                if kitti.CAMERA_MATRICES[camera] not in calib:
+                    problem = (
+                        f"calibration has no {kitti.CAMERA_MATRICES[camera]} matrix (needed by {camera})"
+                    )
+                    report.problems.append(Problem(str(calib_path), problem))
+            for frame in frames:
+                key = (sequence, frame, with_gt, with_lidar)  # val and test share sequence 08
+                if key in queued:
+                    continue
+                queued.add(key)
+                tasks.append(
+                    partial(
+                        _check_kitti_frame,
+                        root,
+                        sequence,
+                        frame,
+                        occ_size=occ_size,
+                        cameras=cameras,
+                        with_gt=with_gt,
+                        with_lidar=with_lidar,
+                        quick=quick,
+                    )
+                )
+        if n_frames == 0:
+            report.problems.append(
+                Problem(str(root), f"split {split}: no frames in sequences {', '.join(sequences)}")
+            )
+    for sub in _run_parallel(tasks, workers):
+        report.merge(sub)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# nuScenes-Occupancy
+
+
+def _check_nusc_sample(
+    info: dict[str, Any],
+    *,
+    data_root: Path,
+    occ_root: Path,
+    depth_root: Path | None,
+    cameras: Sequence[str],
+    occ_size: Sequence[int],
+    num_classes: int,
+    quick: bool,
+) -> Report:
+    report = Report()
+    for camera in cameras:
+        data_path = str(info["cams"][camera]["data_path"])
+        image = nusc.resolve_data_path(data_path, data_root)
+        report.check(image, _image_checker(quick), image)
+        if depth_root is not None:
+            depth = nusc.depth_path(depth_root, data_path)
+            report.check(depth, nusc.read_depth_points, depth)
+    occ = nusc.occupancy_path(occ_root, info)
+    report.check(occ, nusc.read_sparse_occupancy, occ, occ_size, num_classes)
+    return report
+
+
+def check_nuscenes_occupancy(
+    data_root: str | Path,
+    occ_root: str | Path,
+    info_files: dict[str, str | Path],
+    *,
+    depth_root: str | Path | None = None,
+    train_splits: Sequence[str] = ("train",),
+    cameras: Sequence[str] = nusc.CAMERAS,
+    occ_size: Sequence[int] = (512, 512, 40),
+    num_classes: int = 17,
+    quick: bool = False,
+    workers: int = 4,
+) -> Report:
+    """Check info files (``split -> path``) and every image, GT and (train) depth file they name."""
+    report = Report()
+    tasks: list[Callable[[], Report]] = []
+    for split, info_file in info_files.items():
+        info_file = Path(info_file)
+        infos = report.check(info_file, nusc.read_info_list, info_file)
+        if infos is None:
+            continue
+        split_depth = Path(depth_root) if (depth_root is not None and split in train_splits) else None
+        if split in train_splits and depth_root is None:
+            report.problems.append(
+                Problem(str(info_file), f"split {split}: no depth root given for the depth targets")
+            )
+        for index, info in enumerate(infos):
+            try:
+                nusc.check_info(info, index, info_file, cameras)
+            except DataFileError as err:
+                report.problems.append(Problem(err.path, err.problem))
+                continue
+            tasks.append(
+                partial(
+                    _check_nusc_sample,
+                    info,
+                    data_root=Path(data_root),
+                    occ_root=Path(occ_root),
+                    depth_root=split_depth,
+                    cameras=cameras,
+                    occ_size=occ_size,
+                    num_classes=num_classes,
+                    quick=quick,
+                )
+            )
+        report.notes.append(f"split {split}: {len(infos)} samples in {info_file}")
+    for sub in _run_parallel(tasks, workers):
+        report.merge(sub)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset", help="take format, paths, grid and cameras from this preset (or a .json config)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. data.root=/data/kitti (repeatable)",
+    )
+    parser.add_argument(
+        "--format", choices=sorted(DEFAULT_PRESETS), help="dataset format (default: the preset's)"
+    )
+    parser.add_argument(
+        "--root", help="dataset root (SemanticKITTI: holds dataset/sequences; nuScenes: data root)"
+    )
+    parser.add_argument("--occ-root", help="nuScenes-Occupancy GT root")
+    parser.add_argument("--depth-root", help="nuScenes depth_gt folder")
+    parser.add_argument("--train-info", help="nuScenes train info .pkl")
+    parser.add_argument("--val-info", help="nuScenes val info .pkl")
+    parser.add_argument("--occ-size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="grid size")
+    parser.add_argument("--cameras", nargs="+", help="camera folders (KITTI) or names (nuScenes)")
+    parser.add_argument(
+        "--split",
+        dest="splits",
+        action="append",
+        help="split to check (repeatable; default: the config's train and val splits)",
+    )
+    parser.add_argument("--every-5th-scan", action="store_true", help="SemanticKITTI: only every 5th frame")
+    parser.add_argument(
+        "--quick", action="store_true", help="check image and .npy headers only, do not decode or read values"
+    )
+    parser.add_argument("--workers", type=int, default=4, help="threads checking files in parallel")
+    parser.add_argument("--max-report", type=int, default=200, help="print at most this many problems")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config ``check-data`` checks against: a preset (default: the format's paper preset) + flags."""
+    preset = args.preset or DEFAULT_PRESETS.get(args.format or "", None)
+    if preset is None:
+        raise SystemExit("check-data: give --preset or --format")
+    cfg = get_config(preset, args.overrides)
+    if args.format:
+        cfg.data.format = args.format
+    updates = {
+        "root": args.root,
+        "occ_root": args.occ_root,
+        "depth_root": args.depth_root,
+        "train_info": args.train_info,
+        "val_info": args.val_info,
+    }
+    apply_overrides(cfg, [f"data.{k}={v!r}" for k, v in updates.items() if v is not None])
+    if args.occ_size:
+        cfg.grid.occ_size = tuple(args.occ_size)
+    if args.cameras:
+        cfg.data.cameras = tuple(args.cameras)
+    if args.every_5th_scan:
+        cfg.data.every_5th_scan = True
+    return cfg
+
+
+def run_checks(
+    cfg: Config, splits: Sequence[str] | None = None, *, quick: bool = False, workers: int = 4
+) -> Report:
+    """Check the dataset ``cfg.data`` describes, for ``splits`` (default: train and val splits)."""
+    data = cfg.data
+    splits = list(splits or dict.fromkeys([data.train_split, data.val_split]))
+    if data.format == "semantickitti":
+        return check_semantic_kitti(
+            data.root, splits=splits, train_splits=(data.train_split,), occ_size=cfg.grid.occ_size,
+            cameras=data.cameras, every_5th_scan=data.every_5th_scan, quick=quick, workers=workers,
+        )  # fmt: skip
+    if data.format == "nuscenes-occupancy":
+        known = {"train": data.train_info, "val": data.val_info}
+        unknown = [s for s in splits if s not in known]
+        if unknown:
+            raise ValueError(f"unknown nuScenes-Occupancy split(s) {unknown}; expected 'train' and/or 'val'")
+        return check_nuscenes_occupancy(
+            data.root, data.occ_root, {s: known[s] for s in splits}, depth_root=data.depth_root,
+            train_splits=(data.train_split,), cameras=data.cameras, occ_size=cfg.grid.occ_size,
+            num_classes=cfg.model.head.num_classes, quick=quick, workers=workers,
+        )  # fmt: skip
+    raise ValueError(f"unknown data.format {data.format!r}; expected one of {sorted(DEFAULT_PRESETS)}")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    grid = "x".join(str(v) for v in cfg.grid.occ_size)
+    print(
+        f"checking {cfg.data.format} at {cfg.data.root} (grid {grid}, cameras {', '.join(cfg.data.cameras)})"
+    )
+    try:
+        report = run_checks(cfg, args.splits, quick=args.quick, workers=args.workers)
+    except ValueError as err:
+        print(f"error: {err}")
+        return 2
+    for note in report.notes:
+        print(f"note    {note}")
+    for problem in report.problems[: args.max_report]:
+        print(problem)
+    if len(report.problems) > args.max_report:
+        print(f"... and {len(report.problems) - args.max_report} more problems")
+    print(("OK: " if report.ok else "FAILED: ") + report.summary())
+    return 0 if report.ok else 1
