@@ -151,3 +151,31 @@ def toy_dataset_factory(cfg: Config, split: str, *, train: bool | None = None) -
     if not split.startswith("toy-"):
         raise ValueError(f"toy split must be 'toy-<N>', got {split!r}")
     return ToyDataset(int(split[4:]), occ_size=cfg.grid.occ_size, train=bool(train))
+
+
+def batchnorm_worker(rank: int, world_size: int, init_file: str, payload_path: str, out_dir: str) -> None:
+    """One process of the CrossProcessBatchNorm test (spawned): forward/backward on its own inputs."""
+    import torch.distributed as dist
+
+    from spotocc.engine.distributed import CrossProcessBatchNorm
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    payload = torch.load(payload_path)
+    results = {}
+    for case, inputs in payload["inputs"].items():
+        bn = CrossProcessBatchNorm(inputs[0].shape[1], momentum=0.1)
+        bn.load_state_dict(payload["state"])
+        x = inputs[rank].clone().requires_grad_(True)
+        y = bn(x)
+        (y * payload["weights"][case][rank]).sum().backward()
+        results[case] = {
+            "y": y.detach(),
+            "x_grad": x.grad,
+            "weight_grad": bn.weight.grad,
+            "bias_grad": bn.bias.grad,
+            "running_mean": bn.running_mean,
+            "running_var": bn.running_var,
+        }
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()

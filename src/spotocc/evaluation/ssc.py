@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["SSCMetrics", "format_ssc_table", "metric_prefix", "with_prefix"]
+__all__ = ["SSCMetrics", "format_ssc_table", "metric_prefix", "round_percent", "with_prefix"]
 
 # The released evaluate() prefixes every key with the dataset's name (spec 04, section 3.4).
 _PREFIXES = {"semantickitti": "semkitti_", "nuscenes": "nuScenes_"}
@@ -184,10 +184,18 @@ class SSCMetrics:
         }
         for name, value in zip(self.class_names, class_iou):
             values[f"SSC_{name}_IoU"] = float(value)
-        # np.round, as numpy's float64.__round__ in the released code (round half to even after scaling)
-        results = {key: float(np.round(value * 100, 2)) for key, value in values.items()}
+        results = {key: round_percent(value) for key, value in values.items()}
         results["combined_IoU"] = float(np.round(results["SC_IoU"] + results["SSC_mIoU"], 2))
         return results
+
+
+def round_percent(value: float) -> float:
+    """``round(value * 100, 2)`` as the released code evaluates it on a NumPy float64.
+
+    NumPy rounds the scaled binary value half to even (``0.00015 -> 0.02``), where Python's ``round``
+    on a float rounds its exact decimal value (``-> 0.01``); the released numbers used NumPy's rule.
+    """
+    return float(np.round(np.float64(value) * 100, 2))
 
 
 def _ratio(numerator: int, denominator: int) -> float:
