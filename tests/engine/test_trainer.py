@@ -87,6 +87,7 @@ def _resumed_step(proc: subprocess.CompletedProcess) -> int:
     return int(line.rsplit("step ", 1)[1])
 
 
+@pytest.mark.slow
 def test_resume_after_kills_mid_step_and_during_checkpoint_saves(tmp_path, uninterrupted):
     """Four processes, three kills; the result equals the uninterrupted run bit for bit.
 

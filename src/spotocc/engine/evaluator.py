@@ -151,7 +151,9 @@ def read_prediction(out_dir: str | os.PathLike, sample_id: str) -> np.ndarray:
 # loops
 
 
-def _shard_loader(dataset: Dataset, batch_size: int, num_workers: int, collate_fn: Callable) -> DataLoader:
+def _shard_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, collate_fn: Callable, pin_memory: bool = False
+) -> DataLoader:
     sampler = ContiguousShards(
         len(dataset),  # type: ignore[arg-type]
         num_replicas=dist_utils.get_world_size(),
@@ -163,7 +165,7 @@ def _shard_loader(dataset: Dataset, batch_size: int, num_workers: int, collate_f
         sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_fn,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin_memory,
     )
 
 
@@ -198,7 +200,7 @@ def _uses_nccl() -> bool:
     return dist_utils.is_distributed() and dist.get_backend() == "nccl"
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: tensors a model caches while predicting stay usable in training
 def evaluate(
     model: nn.Module,
     dataset: Dataset,
@@ -224,6 +226,7 @@ def evaluate(
         batch_size or cfg.eval.batch_size,
         cfg.data.num_workers if num_workers is None else num_workers,
         collate_fn,
+        pin_memory=device.type == "cuda",
     )
     metrics = build_metrics(cfg)
     scored: list[str] = []
