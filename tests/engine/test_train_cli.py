@@ -27,7 +27,7 @@ def test_train_flags_then_resume_continues(tmp_path, capsys):
         and saved["train"]["seed"] == 3
     )
     assert load_checkpoint(tmp_path / "checkpoints" / "last").training_state["global_step"] == 2
-    assert _run(base + ["--max-iters", "5", "--seed", "3", "--resume"]) == 0
+    assert _run(base + ["--max-iters", "5", "--resume", "train.seed=3"]) == 0  # an override after --resume
     out = capsys.readouterr().out
     assert "resumed from" in out and "done: 5 iterations" in out
     steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["type"] == "train"]

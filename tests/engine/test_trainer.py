@@ -229,3 +229,26 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
             dataset_factory=toy_dataset_factory,
             show_progress=False,
         )
+
+
+def test_logged_values_are_averaged_over_the_log_interval(tmp_path):
+    runs = {}
+    for interval in (1, 4):
+        cfg = toy_config([f"train.log_interval={interval}", "train.epochs=1", "train.eval_interval=0"])
+        work_dir = tmp_path / str(interval)
+        train(
+            cfg,
+            work_dir=work_dir,
+            device="cpu",
+            model_factory=toy_model_factory,
+            dataset_factory=toy_dataset_factory,
+            show_progress=False,
+        )
+        runs[interval] = [r for r in read_metrics(work_dir / "metrics.jsonl") if r["type"] == "train"]
+    every, windowed = runs[1], runs[4]
+    assert [r["step"] for r in windowed] == [4, 6]  # every 4 steps and at the epoch end
+    for record, steps in zip(windowed, [range(0, 4), range(4, 6)]):
+        for key in ("loss", "loss_ce", "d0.loss_aux", "accuracy", "grad_norm"):
+            expected = np.mean([every[i][key] for i in steps])
+            assert record[key] == pytest.approx(expected, rel=1e-6), key
+    assert windowed[0]["loss"] == pytest.approx(windowed[0]["loss_ce"] + windowed[0]["d0.loss_aux"], rel=1e-6)

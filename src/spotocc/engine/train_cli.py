@@ -48,7 +48,11 @@ def main(
 ) -> int:
     from spotocc.engine.trainer import train
 
-    cfg = get_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.resume not in (None, "auto") and "=" in args.resume and not Path(args.resume).exists():
+        overrides.append(args.resume)  # "--resume key=value": argparse took an override for CKPT
+        args.resume = "auto"
+    cfg = get_config(args.config, overrides)
     if args.amp is not None:
         cfg.train.amp = args.amp
     if args.epochs is not None:

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader
 
 from spotocc.config import Config
 from spotocc.engine import distributed as dist_utils
+from spotocc.engine.atomic import write_text_atomic
 from spotocc.engine.checkpoint import (
     CheckpointError,
     find_resumable,
@@ -179,7 +180,7 @@ def _run(
     ckpt_dir = work_dir / "checkpoints"
     if info.is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
-        (work_dir / "config.json").write_text(cfg.to_json())
+        write_text_atomic(work_dir / "config.json", cfg.to_json())
 
     # ---- model, optimiser, schedule (identical initial weights on every rank: same seed) --------
     _seed_all(tc.seed)
@@ -284,6 +285,7 @@ def _run(
         return path
 
     last_path: Path | None = None
+    window = _LogWindow()
     stop = tc.max_iters is not None and progress.global_step >= tc.max_iters
     try:
         while progress.epoch < tc.epochs and not stop:
@@ -312,14 +314,13 @@ def _run(
                 progress.global_step += 1
                 progress.iter_in_epoch += 1
                 bar.update(1)
+                window.add(losses, loss, grad_norm, time.perf_counter() - tic, data_time)
 
                 if (
                     progress.global_step % max(tc.log_interval, 1) == 0
                     or progress.iter_in_epoch == iters_per_epoch
                 ):
-                    record = _train_record(
-                        losses, loss, grad_norm, optimizer, progress, data_time, tic, device
-                    )
+                    record = window.record(optimizer, progress, device)
                     metrics_log.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
                     if bar.disable:  # no progress bar (not a terminal, or not rank 0): a log line instead
@@ -538,36 +539,61 @@ def _check_finite(loss: torch.Tensor, step: int, scaler_enabled: bool) -> None:
         )
 
 
-def _train_record(
-    losses: Mapping[str, torch.Tensor],
-    loss: torch.Tensor,
-    grad_norm: torch.Tensor | None,
-    optimizer: torch.optim.Optimizer,
-    progress: _Progress,
-    data_time: float,
-    tic: float,
-    device: torch.device,
-) -> dict[str, Any]:
-    """A train log record; losses are averaged over ranks (a collective: called on every rank)."""
-    names = sorted(k for k in losses if "loss" in k)
-    values = torch.stack([loss.detach().float()] + [losses[k].detach().float().sum() for k in names])
-    values = dist_utils.reduce_mean(values).cpu()
-    record: dict[str, Any] = {
-        "type": "train",
-        "step": progress.global_step,
-        "epoch": progress.epoch + 1,
-        "iter": progress.iter_in_epoch,
-        "lr": float(optimizer.param_groups[0]["lr"]),
-        "loss": float(values[0]),
-    }
-    record.update({name: float(v) for name, v in zip(names, values[1:])})
-    if grad_norm is not None:
-        record["grad_norm"] = float(grad_norm)
-    record["time"] = time.perf_counter() - tic
-    record["data_time"] = data_time
-    if device.type == "cuda":
-        record["memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return record
+class _LogWindow:
+    """Per-iteration values since the last log line, averaged when logged (mmcv's logger does the same).
+
+    The averages are then averaged over ranks, a collective: every rank must log at the same steps and
+    produce the same loss names.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.time = 0.0
+        self.data_time = 0.0
+
+    def add(
+        self,
+        losses: Mapping[str, torch.Tensor],
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor | None,
+        iter_time: float,
+        data_time: float,
+    ) -> None:
+        values = {"loss": loss.detach().float()}
+        # every entry is logged (mmdet logs accuracies too); only "loss" entries were summed into `loss`
+        values.update({k: v.detach().float().sum() for k, v in losses.items() if isinstance(v, torch.Tensor)})
+        if grad_norm is not None:
+            values["grad_norm"] = grad_norm.detach().float()
+        for key, value in values.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.count += 1
+        self.time += iter_time
+        self.data_time += data_time
+
+    def record(
+        self, optimizer: torch.optim.Optimizer, progress: _Progress, device: torch.device
+    ) -> dict[str, Any]:
+        names = ["loss"] + sorted(k for k in self.sums if k not in ("loss", "grad_norm"))
+        names += ["grad_norm"] if "grad_norm" in self.sums else []
+        means = dist_utils.reduce_mean(torch.stack([self.sums[k] for k in names]) / self.count).cpu()
+        record: dict[str, Any] = {
+            "type": "train",
+            "step": progress.global_step,
+            "epoch": progress.epoch + 1,
+            "iter": progress.iter_in_epoch,
+            "lr": float(optimizer.param_groups[0]["lr"]),
+        }
+        record.update({name: float(v) for name, v in zip(names, means)})
+        record["time"] = self.time / self.count
+        record["data_time"] = self.data_time / self.count
+        if device.type == "cuda":
+            record["memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        self.reset()
+        return record
 
 
 def _progress_bar(total: int, initial: int, desc: str, show: bool | None, info: dist_utils.DistInfo):
