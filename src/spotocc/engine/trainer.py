@@ -196,6 +196,12 @@ def _run(
     if resume_from is not None:
         _restore(resume_from, cfg, info, model, optimizer, scheduler, scaler, progress)
     else:
+        if info.is_main and (ckpt_dir / "last").exists():
+            log.warning(
+                "%s holds checkpoints of an earlier run; starting from scratch (older generations will be "
+                "removed as new ones are saved). Pass --resume to continue that run instead.",
+                ckpt_dir,
+            )
         _seed_all(tc.seed + info.rank)  # runtime randomness (dropout, noise) differs between ranks
 
     step_module: nn.Module = _TrainStep(model)
