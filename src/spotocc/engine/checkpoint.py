@@ -234,9 +234,11 @@ def _remove_old_generations(root: Path, keep_last: int) -> None:
     for _, path in generations:
         if path.name not in keep:
             shutil.rmtree(path, ignore_errors=True)
-    for entry in root.iterdir():  # temporary directories of saves killed midway
-        if entry.name.startswith(".tmp_ckpt_") and entry.is_dir():
+    for entry in root.iterdir():  # leftovers of saves killed midway: temporary directories and links
+        if entry.name.startswith(".tmp_ckpt_") and entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.startswith((".last.tmp", ".best.tmp")) and entry.is_symlink():
+            entry.unlink()
 
 
 # --------------------------------------------------------------------------------------------------

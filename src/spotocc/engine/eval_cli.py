@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from spotocc.config import Config, apply_overrides, get_config
+from spotocc.engine.atomic import write_text_atomic
 from spotocc.engine.evaluator import DatasetFactory, ModelFactory
 
 
@@ -106,8 +107,7 @@ def main(
                     "config": cfg.name,
                     "class0_quirk": cfg.eval.class0_quirk,
                 }
-                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+                write_text_atomic(args.json, json.dumps(out, indent=2) + "\n")
         return 0
     finally:
         if owns_group:
