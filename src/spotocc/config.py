@@ -231,11 +231,18 @@ class TrainConfig:
     log_interval: int = 50  # iterations
     seed: int = 0
     max_iters: int | None = None  # stop after this many iterations (smoke runs)
+    checkpoint_iter_interval: int = (
+        0  # also save `last` every N iterations inside an epoch (0: epoch ends only)
+    )
+    keep_last: int = 2  # checkpoint generations kept besides `best` (the newest one that verifies resumes)
+    find_unused_parameters: bool = False  # DDP: set if some parameters get no gradient in an iteration
+    tensorboard: bool = True  # TensorBoard event files besides the JSON-lines metrics file
 
 
 @dataclass
 class EvalConfig:
     class0_quirk: bool = False  # released: ignored voxels counted as class-0 true positives
+    batch_size: int = 1  # samples per process during evaluation / prediction (released: 1)
 
 
 @dataclass

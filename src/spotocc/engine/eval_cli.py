@@ -1,0 +1,126 @@
+"""``spotocc eval CHECKPOINT``: SSC metrics of a checkpoint, or of saved predictions.
+
+Examples::
+
+    spotocc eval runs/kitti/checkpoints/best --data /data/SemanticKITTI --json kitti_val.json
+    torchrun --standalone --nproc_per_node=4 -m spotocc.cli eval runs/nusc --json nusc_val.json
+    spotocc eval runs/kitti/checkpoints/best --predictions preds/   # score saved .npz files only
+    spotocc eval spotocc_kitti --predictions preds/ --data /data/SemanticKITTI  # a preset instead
+
+The per-class table is printed; ``--json`` writes the metrics with the released key names
+(``semkitti_SSC_mIoU``, ``nuScenes_SC_IoU``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from spotocc.config import Config, apply_overrides, get_config
+from spotocc.engine.atomic import write_text_atomic
+from spotocc.engine.evaluator import DatasetFactory, ModelFactory
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="checkpoint dir, .safetensors, or work dir; with --predictions also a preset or config .json",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides (data paths, ...)"
+    )
+    parser.add_argument("--data", metavar="ROOT", help="dataset root (data.root)")
+    parser.add_argument("--split", help="split to evaluate (default: the config's data.val_split)")
+    parser.add_argument("--json", metavar="OUT", help="write the metrics (released key names) to this file")
+    parser.add_argument(
+        "--predictions", metavar="DIR", help="score <sample_id>.npz files instead of the model"
+    )
+    parser.add_argument("--save-predictions", metavar="DIR", help="also write the model's predictions here")
+    parser.add_argument("--config", help="preset / config for a weights file without an embedded config")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    parser.add_argument("--batch-size", type=int, help="samples per process (eval.batch_size)")
+    parser.add_argument("--num-workers", type=int, help="data-loader workers (data.num_workers)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bar")
+
+
+def main(
+    args: argparse.Namespace,
+    *,
+    model_factory: ModelFactory | None = None,
+    dataset_factory: DatasetFactory | None = None,
+) -> int:
+    from spotocc.data.classes import class_set
+    from spotocc.engine import distributed as dist_utils
+    from spotocc.engine.evaluator import (
+        default_dataset_factory,
+        evaluate,
+        evaluate_predictions,
+        load_model_from_checkpoint,
+    )
+    from spotocc.evaluation import format_ssc_table, metric_prefix, with_prefix
+
+    owns_group = not dist_utils.is_distributed()
+    info = dist_utils.init_distributed(args.device)
+    try:
+        dataset_factory = dataset_factory or default_dataset_factory
+        if args.predictions is not None and not Path(args.checkpoint).exists():
+            cfg = get_config(args.config or args.checkpoint, args.overrides)
+            model = None
+        else:
+            model, cfg = load_model_from_checkpoint(
+                args.checkpoint,
+                overrides=args.overrides,
+                config=args.config,
+                device=info.device,
+                model_factory=model_factory,
+            )
+        apply_data_arguments(cfg, args)
+        split = args.split or cfg.data.val_split
+        dataset = dataset_factory(cfg, split, train=False)
+        if args.predictions is not None:
+            result = evaluate_predictions(args.predictions, dataset, cfg, show_progress=args.progress)
+        else:
+            assert model is not None
+            result = evaluate(
+                model,
+                dataset,
+                cfg,
+                device=info.device,
+                amp=args.amp,
+                predictions_dir=args.save_predictions,
+                show_progress=args.progress,
+            )
+        if info.is_main:
+            names = class_set(cfg.data.class_set)[0]
+            source = args.predictions if args.predictions is not None else args.checkpoint
+            print(f"{cfg.name}: split {split!r}, {result.num_samples} samples scored, from {source}")
+            print(format_ssc_table({"IoU (%)": result.metrics}, names))
+            if args.json:
+                out = {
+                    "metrics": with_prefix(result.metrics, metric_prefix(cfg.data.class_set)),
+                    "num_samples": result.num_samples,
+                    "split": split,
+                    "source": str(source),
+                    "config": cfg.name,
+                    "class0_quirk": cfg.eval.class0_quirk,
+                }
+                write_text_atomic(args.json, json.dumps(out, indent=2) + "\n")
+        return 0
+    finally:
+        if owns_group:
+            dist_utils.teardown_distributed()
+
+
+def apply_data_arguments(cfg: Config, args: argparse.Namespace) -> None:
+    """``--data``, ``--batch-size`` and ``--num-workers`` into the config."""
+    overrides = []
+    if getattr(args, "data", None):
+        overrides.append(f"data.root={args.data}")
+    if getattr(args, "batch_size", None) is not None:
+        overrides.append(f"eval.batch_size={args.batch_size}")
+    if getattr(args, "num_workers", None) is not None:
+        overrides.append(f"data.num_workers={args.num_workers}")
+    apply_overrides(cfg, overrides)

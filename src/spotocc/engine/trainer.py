@@ -1,0 +1,631 @@
+"""The training loop: one readable function, the same code on CPU, one GPU, and many under torchrun.
+
+Single process (CPU, or the first GPU)::
+
+    spotocc train synthetic_tiny --work-dir runs/tiny
+
+One machine, 8 GPUs (DDP with SyncBatchNorm, as released; global batch = 8 x data.batch_size)::
+
+    torchrun --standalone --nproc_per_node=8 -m spotocc.cli train spotocc_nusc_256 --work-dir runs/nusc
+
+Two machines (run on each, with its own --node_rank)::
+
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 \\
+        -m spotocc.cli train spotocc_nusc_256 --work-dir runs/nusc
+
+Resume after an interruption (a crash, a kill, even during a checkpoint save)::
+
+    spotocc train synthetic_tiny --work-dir runs/tiny --resume
+
+What a step does (mmdet/mmcv semantics of the released runs): sum every model output whose key
+contains ``"loss"``, backward (scaled by a GradScaler under fp16 autocast), clip the global gradient
+norm to ``train.grad_clip``, AdamW step. After each epoch: the step schedule, evaluation every
+``train.eval_interval`` epochs (the best SSC mIoU keeps the ``best`` checkpoint), and a checkpoint
+every ``train.checkpoint_interval`` epochs (also every ``train.checkpoint_iter_interval`` iterations
+if set). Resuming is exact: the checkpoint holds the model, optimizer, schedule, scaler, counters,
+every rank's RNG states and the position in the epoch's sample order, and each sample's
+augmentation is seeded from ``(seed, epoch, index)``, so the resumed run computes the same losses as
+the uninterrupted one (bit for bit on the same hardware and thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from spotocc.config import Config
+from spotocc.engine import distributed as dist_utils
+from spotocc.engine.atomic import write_text_atomic
+from spotocc.engine.checkpoint import (
+    CheckpointError,
+    find_resumable,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from spotocc.engine.evaluator import (
+    DatasetFactory,
+    ModelFactory,
+    autocast_context,
+    default_dataset_factory,
+    default_model_factory,
+    evaluate,
+    move_to_device,
+)
+from spotocc.engine.metrics_log import MetricsLog
+from spotocc.engine.optim import build_lr_scheduler, build_optimizer, clip_gradients
+from spotocc.engine.sampling import ResumableDistributedSampler, SeededSamples
+from spotocc.evaluation import format_ssc_table, metric_prefix, with_prefix
+
+__all__ = ["TrainResult", "total_loss", "train"]
+
+log = logging.getLogger("spotocc.train")
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainResult:
+    """Where a run ended."""
+
+    global_step: int
+    epochs_completed: int
+    best_miou: float | None
+    last_checkpoint: Path | None
+
+
+@dataclass
+class _Progress:
+    epoch: int = 0  # epochs completed
+    iter_in_epoch: int = 0  # iterations completed in the current epoch
+    global_step: int = 0
+    best_miou: float | None = None
+    best_step: int | None = None
+
+
+def total_loss(losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of every entry whose key contains ``"loss"`` (mmdet's ``_parse_losses``)."""
+    terms = [value for key, value in losses.items() if "loss" in key]
+    if not terms:
+        raise ValueError(f"forward_train returned no entry whose key contains 'loss': {sorted(losses)}")
+    return torch.stack([t.float().sum() for t in terms]).sum()
+
+
+class _TrainStep(nn.Module):
+    """Routes ``forward`` to ``model.forward_train`` so DDP's hooks see the training forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.model.forward_train(batch)
+
+
+def train(
+    cfg: Config,
+    *,
+    work_dir: str | Path,
+    resume: bool | str | Path | None = None,
+    device: str = "auto",
+    model_factory: ModelFactory | None = None,
+    dataset_factory: DatasetFactory | None = None,
+    collate_fn: Callable | None = None,
+    show_progress: bool | None = None,
+    on_step_end: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train ``cfg`` into ``work_dir`` (see the module docstring for the launches).
+
+    Args:
+        resume: ``True`` resumes from the newest checkpoint in ``work_dir`` that verifies (starting fresh
+            if there is none); a path resumes from that checkpoint.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        model_factory / dataset_factory / collate_fn: default to ``spotocc.models.build_model``,
+            ``spotocc.data.build_dataset`` and ``spotocc.data.collate``.
+        show_progress: tqdm bars on rank 0; None = only when stderr is a terminal.
+        on_step_end: called with the global step after every iteration (after any checkpoint save).
+    """
+    owns_group = not dist_utils.is_distributed()
+    info = dist_utils.init_distributed(device)
+    work_dir = Path(work_dir)
+    handlers = _setup_logging(work_dir, info.is_main)
+    try:
+        return _run(
+            cfg,
+            info=info,
+            work_dir=work_dir,
+            resume=resume,
+            model_factory=model_factory or default_model_factory,
+            dataset_factory=dataset_factory or default_dataset_factory,
+            collate_fn=collate_fn,
+            show_progress=show_progress,
+            on_step_end=on_step_end,
+        )
+    finally:
+        for handler in handlers:
+            log.removeHandler(handler)
+            handler.close()
+        if owns_group:
+            dist_utils.teardown_distributed()
+
+
+def _run(
+    cfg: Config,
+    *,
+    info: dist_utils.DistInfo,
+    work_dir: Path,
+    resume: bool | str | Path | None,
+    model_factory: ModelFactory,
+    dataset_factory: DatasetFactory,
+    collate_fn: Callable | None,
+    show_progress: bool | None,
+    on_step_end: Callable[[int], None] | None,
+) -> TrainResult:
+    tc = cfg.train
+    device = info.device
+    if collate_fn is None:
+        from spotocc.data import collate as collate_fn
+    ckpt_dir = work_dir / "checkpoints"
+    if info.is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(work_dir / "config.json", cfg.to_json())
+
+    # ---- model, optimiser, schedule (identical initial weights on every rank: same seed) --------
+    _seed_all(tc.seed)
+    model = model_factory(cfg).to(device)
+    if info.world_size > 1 and tc.sync_bn:
+        model = dist_utils.convert_sync_batchnorm(model, device)
+    optimizer = build_optimizer(model, tc)
+    scheduler = build_lr_scheduler(optimizer, tc)
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")
+    progress = _Progress()
+
+    resume_from = _resume_target(resume, ckpt_dir)
+    if resume_from is not None:
+        _restore(resume_from, cfg, info, model, optimizer, scheduler, scaler, progress)
+    else:
+        if info.is_main and (ckpt_dir / "last").exists():
+            log.warning(
+                "%s holds checkpoints of an earlier run; starting from scratch (older generations will be "
+                "removed as new ones are saved). Pass --resume to continue that run instead.",
+                ckpt_dir,
+            )
+        _seed_all(tc.seed + info.rank)  # runtime randomness (dropout, noise) differs between ranks
+
+    step_module: nn.Module = _TrainStep(model)
+    if info.world_size > 1:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=tc.find_unused_parameters,
+        )
+
+    # ---- data ---------------------------------------------------------------------------------------
+    train_set = dataset_factory(cfg, cfg.data.train_split, train=True)
+    if len(train_set) == 0:
+        raise ValueError(f"training split {cfg.data.train_split!r} of {cfg.data.root} has no samples")
+    sampler = ResumableDistributedSampler(
+        train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=tc.seed
+    )
+    batch_size = cfg.data.batch_size
+    loader = DataLoader(
+        SeededSamples(train_set),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate_fn,
+        pin_memory=device.type == "cuda",
+        drop_last=False,
+        generator=torch.Generator().manual_seed(tc.seed),  # the loader never draws from the global RNG
+    )
+    iters_per_epoch = math.ceil(sampler.num_samples / batch_size)
+    val_set = None
+
+    metrics_log = MetricsLog(
+        work_dir,
+        resume_step=progress.global_step if resume_from is not None else None,
+        tensorboard=tc.tensorboard,
+        enabled=info.is_main,
+    )
+    log.info(
+        "training %s on %s: %d process(es) x batch %d = effective batch %d, %d samples, %d iterations/epoch, "
+        "%d epochs, amp=%s, sync_bn=%s, %.2fM trainable parameters",
+        cfg.name,
+        device,
+        info.world_size,
+        batch_size,
+        batch_size * info.world_size,
+        len(train_set),
+        iters_per_epoch,
+        tc.epochs,
+        tc.amp,
+        tc.sync_bn and info.world_size > 1,
+        sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+    )
+
+    def save(is_best: bool) -> Path | None:
+        rng_states = dist_utils.all_gather_objects(_capture_rng())
+        path = None
+        if info.is_main:
+            state = {
+                "version": STATE_VERSION,
+                "epoch": progress.epoch,
+                "iter_in_epoch": progress.iter_in_epoch,
+                "global_step": progress.global_step,
+                "best_miou": progress.best_miou,
+                "best_step": progress.best_step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rng_states,
+                "sampler": {"seed": tc.seed, "world_size": info.world_size, "batch_size": batch_size},
+            }
+            path = save_checkpoint(
+                ckpt_dir,
+                model_state=model.state_dict(),
+                config=cfg.to_dict(),
+                training_state=state,
+                global_step=progress.global_step,
+                info={
+                    "epoch": progress.epoch,
+                    "iter_in_epoch": progress.iter_in_epoch,
+                    "best_miou": progress.best_miou,
+                },
+                is_best=is_best,
+                keep_last=tc.keep_last,
+            )
+            log.info("saved checkpoint %s%s", path, " (best)" if is_best else "")
+        dist_utils.barrier()
+        return path
+
+    last_path: Path | None = None
+    window = _LogWindow()
+    stop = tc.max_iters is not None and progress.global_step >= tc.max_iters
+    try:
+        while progress.epoch < tc.epochs and not stop:
+            epoch = progress.epoch
+            sampler.set_epoch(epoch)
+            sampler.set_start(min(progress.iter_in_epoch * batch_size, sampler.num_samples))
+            model.train()
+            bar = _progress_bar(
+                iters_per_epoch, progress.iter_in_epoch, f"epoch {epoch + 1}", show_progress, info
+            )
+            tic = time.perf_counter()
+            for batch in loader:
+                data_time = time.perf_counter() - tic
+                batch = move_to_device(batch, device)
+                with autocast_context(device, tc.amp):
+                    losses = step_module(batch)
+                loss = total_loss(losses)
+                _check_finite(loss, progress.global_step + 1, scaler.is_enabled())
+                scaler.scale(loss).backward()
+                if scaler.is_enabled():
+                    scaler.unscale_(optimizer)
+                grad_norm = clip_gradients(model.parameters(), tc.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                progress.global_step += 1
+                progress.iter_in_epoch += 1
+                bar.update(1)
+                window.add(losses, loss, grad_norm, time.perf_counter() - tic, data_time)
+
+                if (
+                    progress.global_step % max(tc.log_interval, 1) == 0
+                    or progress.iter_in_epoch == iters_per_epoch
+                ):
+                    record = window.record(optimizer, progress, device)
+                    metrics_log.log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    if bar.disable:  # no progress bar (not a terminal, or not rank 0): a log line instead
+                        log.info(
+                            "epoch %d [%d/%d] step %d lr %.3g loss %.4f",
+                            epoch + 1,
+                            progress.iter_in_epoch,
+                            iters_per_epoch,
+                            progress.global_step,
+                            record["lr"],
+                            record["loss"],
+                        )
+                stop = tc.max_iters is not None and progress.global_step >= tc.max_iters
+                interval = tc.checkpoint_iter_interval
+                iter_save_due = interval > 0 and progress.global_step % interval == 0
+                end_of_epoch = progress.iter_in_epoch == iters_per_epoch
+                if stop or (iter_save_due and not end_of_epoch):  # at an epoch end the save comes below
+                    last_path = save(is_best=False) or last_path
+                if on_step_end is not None:
+                    on_step_end(progress.global_step)
+                if stop:
+                    break
+                tic = time.perf_counter()
+            bar.close()
+            if stop:
+                break
+
+            # ---- end of epoch: schedule, evaluation, checkpoint -----------------------------------
+            scheduler.step()
+            progress.epoch = epoch + 1
+            progress.iter_in_epoch = 0
+            improved = False
+            final = progress.epoch == tc.epochs
+            if tc.eval_interval > 0 and (progress.epoch % tc.eval_interval == 0 or final):
+                if val_set is None:
+                    val_set = dataset_factory(cfg, cfg.data.val_split, train=False)
+                result = evaluate(
+                    model,
+                    val_set,
+                    cfg,
+                    device=device,
+                    amp=tc.amp,
+                    collate_fn=collate_fn,
+                    show_progress=show_progress,
+                )
+                model.train()
+                miou = result.metrics["SSC_mIoU"]
+                improved = progress.best_miou is None or miou > progress.best_miou
+                if improved:
+                    progress.best_miou, progress.best_step = miou, progress.global_step
+                prefixed = with_prefix(result.metrics, metric_prefix(cfg.data.class_set))
+                metrics_log.log(
+                    {"type": "val", "step": progress.global_step, "epoch": progress.epoch, **prefixed}
+                )
+                from spotocc.data.classes import class_set
+
+                log.info(
+                    "epoch %d validation on %d samples (best SSC mIoU %.2f):\n%s",
+                    progress.epoch,
+                    result.num_samples,
+                    progress.best_miou,
+                    format_ssc_table(
+                        {f"epoch {progress.epoch}": result.metrics}, class_set(cfg.data.class_set)[0]
+                    ),
+                )
+            epoch_save_due = progress.epoch % max(tc.checkpoint_interval, 1) == 0
+            iter_save_due = (
+                tc.checkpoint_iter_interval > 0 and progress.global_step % tc.checkpoint_iter_interval == 0
+            )
+            if improved or final or epoch_save_due or iter_save_due:
+                last_path = save(is_best=improved) or last_path
+    finally:
+        metrics_log.close()
+    return TrainResult(progress.global_step, progress.epoch, progress.best_miou, last_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _resume_target(resume: bool | str | Path | None, ckpt_dir: Path) -> Path | None:
+    if resume is None or resume is False:
+        return None
+    if resume is True or resume == "auto":
+        target = None
+        if dist_utils.is_main_process():
+            target = find_resumable(ckpt_dir)
+            if target is None:
+                log.warning("--resume: no usable checkpoint in %s, starting from scratch", ckpt_dir)
+        target = dist_utils.broadcast_object(str(target) if target else None)
+        return Path(target) if target else None
+    return resolve_checkpoint(resume)
+
+
+def _restore(
+    path: Path,
+    cfg: Config,
+    info: dist_utils.DistInfo,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    progress: _Progress,
+) -> None:
+    loaded = load_checkpoint(path, with_training_state=True)
+    state = loaded.training_state
+    assert state is not None
+    if int(state.get("version", 0)) != STATE_VERSION:
+        raise CheckpointError(f"{path}: training state version {state.get('version')} is not {STATE_VERSION}")
+    current = json.loads(cfg.to_json())  # tuples as JSON lists, like the saved config
+    if loaded.config is not None and loaded.config != current:
+        changed = _diff_keys(loaded.config, current)
+        log.warning("resuming %s with a different config; changed keys: %s", path, ", ".join(changed))
+    model.load_state_dict(loaded.model_state)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler.is_enabled() and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    progress.epoch = int(state["epoch"])
+    progress.iter_in_epoch = int(state["iter_in_epoch"])
+    progress.global_step = int(state["global_step"])
+    progress.best_miou = state["best_miou"]
+    progress.best_step = state["best_step"]
+    sampler_state = state["sampler"]
+    same_layout = (sampler_state["world_size"], sampler_state["batch_size"]) == (
+        info.world_size,
+        cfg.data.batch_size,
+    )
+    if not same_layout and progress.iter_in_epoch > 0:
+        # The epoch's remaining order is defined per (world size, batch size); restart the epoch.
+        log.warning(
+            "resuming mid-epoch with world size x batch %d x %d instead of %d x %d: restarting epoch %d",
+            info.world_size,
+            cfg.data.batch_size,
+            sampler_state["world_size"],
+            sampler_state["batch_size"],
+            progress.epoch + 1,
+        )
+        progress.global_step -= progress.iter_in_epoch
+        progress.iter_in_epoch = 0
+    rng = state["rng"]
+    if info.rank < len(rng) and same_layout:
+        _restore_rng(rng[info.rank])
+    else:
+        _seed_all(cfg.train.seed + info.rank + progress.global_step)
+    log.info(
+        "resumed from %s: epoch %d, iteration %d of the epoch, step %d",
+        path,
+        progress.epoch + 1,
+        progress.iter_in_epoch,
+        progress.global_step,
+    )
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 (the global generator datasets use)
+    torch.manual_seed(seed)
+
+
+def _capture_rng() -> dict[str, Any]:
+    np_state = np.random.get_state()  # noqa: NPY002 (the global generator datasets use)
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _restore_rng(state: Mapping[str, Any]) -> None:
+    python_state = state["python"]
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    np_state = state["numpy"]
+    np.random.set_state(  # noqa: NPY002 (the global generator datasets use)
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_finite(loss: torch.Tensor, step: int, scaler_enabled: bool) -> None:
+    """Stop on a NaN/inf loss (on every rank at once) unless the fp16 GradScaler handles it."""
+    if scaler_enabled:
+        return
+    flag = torch.isfinite(loss.detach()).float().reshape(1)
+    if dist_utils.is_distributed():
+        import torch.distributed as dist
+
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if flag.item() < 1:
+        raise FloatingPointError(
+            f"the training loss is not finite at step {step}; resume from the last checkpoint with a lower "
+            "learning rate or a different amp setting"
+        )
+
+
+class _LogWindow:
+    """Per-iteration values since the last log line, averaged when logged (mmcv's logger does the same).
+
+    The averages are then averaged over ranks, a collective: every rank must log at the same steps and
+    produce the same loss names.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.time = 0.0
+        self.data_time = 0.0
+
+    def add(
+        self,
+        losses: Mapping[str, torch.Tensor],
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor | None,
+        iter_time: float,
+        data_time: float,
+    ) -> None:
+        values = {"loss": loss.detach().float()}
+        # every entry is logged (mmdet logs accuracies too); only "loss" entries were summed into `loss`
+        values.update({k: v.detach().float().sum() for k, v in losses.items() if isinstance(v, torch.Tensor)})
+        if grad_norm is not None:
+            values["grad_norm"] = grad_norm.detach().float()
+        for key, value in values.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.count += 1
+        self.time += iter_time
+        self.data_time += data_time
+
+    def record(
+        self, optimizer: torch.optim.Optimizer, progress: _Progress, device: torch.device
+    ) -> dict[str, Any]:
+        names = ["loss"] + sorted(k for k in self.sums if k not in ("loss", "grad_norm"))
+        names += ["grad_norm"] if "grad_norm" in self.sums else []
+        means = dist_utils.reduce_mean(torch.stack([self.sums[k] for k in names]) / self.count).cpu()
+        record: dict[str, Any] = {
+            "type": "train",
+            "step": progress.global_step,
+            "epoch": progress.epoch + 1,
+            "iter": progress.iter_in_epoch,
+            "lr": float(optimizer.param_groups[0]["lr"]),
+        }
+        record.update({name: float(v) for name, v in zip(names, means)})
+        record["time"] = self.time / self.count
+        record["data_time"] = self.data_time / self.count
+        if device.type == "cuda":
+            record["memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        self.reset()
+        return record
+
+
+def _progress_bar(total: int, initial: int, desc: str, show: bool | None, info: dist_utils.DistInfo):
+    from tqdm import tqdm
+
+    if show is None:
+        show = sys.stderr.isatty()
+    return tqdm(
+        total=total, initial=initial, desc=desc, disable=not (show and info.is_main), dynamic_ncols=True
+    )
+
+
+def _setup_logging(work_dir: Path, is_main: bool) -> list[logging.Handler]:
+    """Rank 0 logs INFO to stdout and ``<work_dir>/train.log``; other ranks only warnings."""
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.propagate = False
+    handlers: list[logging.Handler] = []
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(formatter)
+    handlers.append(stream)
+    if is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(work_dir / "train.log")
+        file_handler.setFormatter(formatter)
+        handlers.append(file_handler)
+    for handler in handlers:
+        log.addHandler(handler)
+    return handlers
