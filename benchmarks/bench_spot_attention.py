@@ -87,6 +87,10 @@ def make_case(num_keys: int, num_queries: int, channels: int, heads: int, ratio:
 
 
 def run_once(impl: str, module, query, key, query_pos, key_pos, backward: bool) -> None:
+    if impl == "key_proj":  # the arithmetic floor: LayerNorm + Linear over the K keys
+        with torch.no_grad():
+            module.key_proj(key + key_pos)
+        return
     fn = module if impl == "spotocc" else (lambda *a: released_spot_attention(module, *a))
     if backward:
         q, k = query.detach().requires_grad_(), key.detach().requires_grad_()
@@ -119,7 +123,8 @@ def check_equal(num_keys: int, args) -> tuple[float, float]:
 
 def time_case(num_keys: int, args, backward: bool) -> dict[str, float]:
     case = make_case(num_keys, args.queries, args.channels, args.heads, args.ratio)
-    times: dict[str, list[float]] = {"spotocc": [], "released": []}
+    impls = ["spotocc", "released"] + ([] if backward else ["key_proj"])
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
     for _ in range(args.warmup):
         for impl in times:
             run_once(impl, *case, backward=backward)
@@ -131,18 +136,17 @@ def time_case(num_keys: int, args, backward: bool) -> dict[str, float]:
     return {impl: statistics.median(t) for impl, t in times.items()}
 
 
-def key_projection_time(num_keys: int, args) -> float:
-    module, _, key, _, key_pos = make_case(num_keys, args.queries, args.channels, args.heads, args.ratio)
-    with torch.no_grad():
-        x = key + key_pos
-        for _ in range(args.warmup):
-            module.key_proj(x)
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            module.key_proj(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def op_shares(num_keys: int, args, top: int = 5) -> str:
+    """Share of the spotocc forward's CPU time per aten op (torch profiler, one run after warm-up)."""
+    case = make_case(num_keys, args.queries, args.channels, args.heads, args.ratio)
+    run_once("spotocc", *case, backward=False)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run_once("spotocc", *case, backward=False)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return ", ".join(
+        f"{e.key.removeprefix('aten::')} {100 * e.self_cpu_time_total / total:.0f}%" for e in events[:top]
+    )
 
 
 def _read_status_kib(field: str) -> int:
@@ -211,6 +215,8 @@ def main() -> None:
         for backward in (False, True):
             mode = "fwd+bwd" if backward else "fwd"
             t = time_case(num_keys, args, backward)
+            if not backward:
+                fwd_time = t["spotocc"]
             line = (
                 f"{num_keys:>6} {top_k:>5} {mode:>8} | {t['spotocc'] * 1e3:>10.1f} "
                 f"{t['released'] * 1e3:>11.1f} {t['released'] / t['spotocc']:>6.2f}x"
@@ -222,13 +228,20 @@ def main() -> None:
                     f"{mem['spotocc'] / max(mem['released'], 1e-9):>9.2f}"
                 )
             print(line)
-        proj = key_projection_time(num_keys, args)
-        fwd = time_case(num_keys, args, False)["spotocc"]
+            if not backward:
+                proj = t["key_proj"]
         macs = num_keys * args.channels * args.channels
+        dense = macs + 2 * args.queries * num_keys * args.channels  # + similarities + weighted sum
+        rate = 2 * macs / proj / 1e9
         print(
-            f"key projection alone: {proj * 1e3:.1f} ms ({macs / 1e6:.0f} M multiply-adds, "
-            f"{2 * macs / proj / 1e9:.1f} GFLOP/s); spotocc forward = {fwd / proj:.2f}x that\n"
+            f"key projection alone (timed alongside): {proj * 1e3:.1f} ms, {macs / 1e6:.0f} M multiply-adds"
         )
+        print(f"  ({rate:.1f} GFLOP/s); spotocc forward = {fwd_time / proj:.1f}x that")
+        dense_ms = dense / macs * proj * 1e3
+        print(
+            f"all dense work of the layer: {dense / 1e6:.0f} M multiply-adds = {dense_ms:.1f} ms at that rate"
+        )
+        print(f"spotocc forward time by op: {op_shares(num_keys, args)}\n")
 
 
 if __name__ == "__main__":

@@ -110,9 +110,9 @@ def capture_layer_inputs(head):
 @pytest.mark.parametrize(("consistent", "loss_layers"), [(False, 1), (True, 1), (True, 2), (False, 2)])
 def test_denoising_masks_and_supervised_stages(consistent, loss_layers):
     head = tiny_head(dn_consistent=consistent, dn_loss_layers=loss_layers).train()
-    gt = tiny_gt()
+    gt, feats = tiny_gt(), tiny_feats()
     calls, handles = capture_layer_inputs(head)
-    out = head(tiny_feats(), gt)
+    out = head(feats, gt)
     for h in handles:
         h.remove()
     expected_stages = [1 + i for i in range(loss_layers)] if consistent else list(range(loss_layers))
@@ -121,7 +121,10 @@ def test_denoising_masks_and_supervised_stages(consistent, loss_layers):
     dn_content = calls[0][0][0][:, :pad]
     for i, (args, kwargs) in enumerate(calls):
         query, memory, query_pos = args
-        assert memory.shape[1] == math.prod(FEAT_SIZES[3 - i % 3])  # level i mod 3, coarse to fine
+        level = i % 3  # level 0 = coarsest = voxel_feats[3]
+        pos = head.positional_encoding(FEAT_SIZES[3 - level])
+        expected_memory = feats[3 - level].flatten(2).transpose(1, 2) + head.level_embed.weight[level] + pos
+        torch.testing.assert_close(memory, expected_memory)
         assert torch.equal(query_pos[:, :pad], dn_content)  # DN positions = the initial DN content
         mask = kwargs["cross_attn_mask"]
         if i >= loss_layers:
