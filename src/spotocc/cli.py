@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     command_parser = argparse.ArgumentParser(prog=f"spotocc {name}", description=COMMANDS[name][1])
     module.add_arguments(command_parser)
-    args = command_parser.parse_args(rest)
+    args = command_parser.parse_intermixed_args(rest)  # overrides may follow options
     return int(module.main(args) or 0)
 
 
