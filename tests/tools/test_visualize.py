@@ -52,7 +52,7 @@ def test_scene_of_a_prediction_file_alone(tmp_path, tiny, capsys):
 def test_scene_with_dataset_sample_and_prediction(tmp_path, tiny):
     _, preds, data = _kitti_setup(tmp_path, tiny)
     out = tmp_path / "scene.png"
-    args = ["visualize", "scene", "--pred", str(preds), "--sample-id", "08_000005", *data]
+    args = ["visualize", "scene", "--pred", str(preds), "--sample-id", "08_000005", *data, "--zoom", "1.5"]
     assert cli_main([*args, "--size", "240", "150", "--out", str(out)]) == 0
     with Image.open(out) as im:
         # title + camera + GT row + prediction row + legend: taller than two 150 px rows

@@ -175,3 +175,17 @@ def test_scene_frame_conventions():
     assert nusc.point_cloud_range == (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
     with pytest.raises(ValueError, match="point_cloud_range"):
         scene_frame("nuscenes", (0, 0, 0, -1, 1, 1))
+
+
+def test_zoom_frames_the_area_around_the_ego():
+    frame = scene_frame("nuscenes")
+    camera = default_camera(frame, width=400, height=260, zoom=2.0)
+    ground = frame.ego_center[2] - frame.ego_size[2] / 2
+    near = np.array([[x, y, ground] for x in (-25.6, 25.6) for y in (-25.6, 25.6)])  # the range / 2
+    u, v, _ = camera.project(near)
+    assert (u >= 0).all() and (u <= 400).all() and (v >= 0).all() and (v <= 260).all()
+    sides = np.array([[x, 0.0, ground] for x in (-51.2, 51.2)])  # the whole range's sides beside the ego
+    u, _, _ = camera.project(sides)
+    assert u[0] < 0 and u[1] > 400
+    with pytest.raises(ValueError, match="zoom"):
+        default_camera(frame, zoom=0)

@@ -26,7 +26,9 @@ PAPER_GRIDS = {(256, 256, 32): "semantickitti", (512, 512, 40): "nuscenes"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.splitlines()[0]
+    parser.description = "Pictures of predictions, ground truth and cameras; animations; IoU charts."
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "examples:\n" + "\n".join(__doc__.split("\n\n")[1].splitlines())
     modes = parser.add_subparsers(dest="mode", metavar="MODE", required=True)
 
     scene = modes.add_parser("scene", help="one sample: cameras, ground truth and/or prediction (PNG)")
@@ -58,7 +60,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"
     )
-    parser.add_argument("--data", help="dataset root (draws camera images and ground truth; needs --preset)")
+    parser.add_argument(
+        "--data",
+        help="dataset root: also draw camera images and ground truth (needs --preset; nuScenes GT and "
+        "info paths via --set data.occ_root=... data.val_info=...)",
+    )
     parser.add_argument("--split", default="val", help="dataset split (default: val)")
     parser.add_argument(
         "--class-set",
@@ -69,6 +75,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--title", help="title above the picture (default: the preset name)")
     parser.add_argument(
         "--size", type=int, nargs=2, default=(800, 520), metavar=("W", "H"), help="3D view size in pixels"
+    )
+    parser.add_argument(
+        "--zoom",
+        type=float,
+        default=1.0,
+        help="3D view of the area within 1/ZOOM of the range around the ego",
     )
 
 
@@ -198,6 +210,7 @@ def _scene(args: argparse.Namespace) -> int:
         show_ignore=args.show_ignore,
         bgr_input=ctx.bgr_input,
         view_size=tuple(args.size),
+        zoom=args.zoom,
     )
     print(f"wrote {path}")
     return 0
@@ -234,6 +247,7 @@ def _sequence(args: argparse.Namespace) -> int:
         show_ignore=args.show_ignore,
         bgr_input=ctx.bgr_input,
         view_size=tuple(args.size),
+        zoom=args.zoom,
     )
     print(f"wrote {path} ({count} frames)")
     return 0

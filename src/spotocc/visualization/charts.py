@@ -154,7 +154,9 @@ def class_iou_chart(result: EvalResult, *, title: str | None = None) -> Figure:
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                     fontsize=8, xytext=(0, 2), textcoords="offset points")  # fmt: skip
     _class_axis(ax, result.class_names)
-    ax.axhline(result.miou, color="#444444", linestyle="--", linewidth=1)
+    ax.axhline(result.miou, color="#444444", linestyle="--", linewidth=1, label=f"mIoU {result.miou:.2f}")
+    ax.legend(loc="upper right", fontsize=9)
+    _headroom(ax, values)
     headline = f"mIoU {result.miou:.2f}" + ("" if result.sc_iou is None else f" · SC IoU {result.sc_iou:.2f}")
     ax.set_title(f"{title} — {headline}" if title else headline)
     fig.tight_layout()
@@ -189,6 +191,7 @@ def comparison_chart(
         )
     _class_axis(ax, names)
     ax.legend(loc="upper right", fontsize=9, title="run (mIoU)")
+    _headroom(ax, np.concatenate([np.nan_to_num(np.asarray(r.class_iou), nan=0.0) for r in results]))
     head = " vs ".join(f"{label} {r.miou:.2f}" for r, label in zip(results, labels))
     if len(results) == 2:
         head += f" mIoU ({results[0].miou - results[1].miou:+.2f})"
@@ -206,6 +209,11 @@ def _class_axis(ax: Any, names: Sequence[str]) -> None:
     ax.set_xlim(-0.6, len(names) - 0.4)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
+
+
+def _headroom(ax: Any, values: np.ndarray) -> None:
+    """Room above the tallest bar for the value labels and the legend."""
+    ax.set_ylim(0, max(1.0, float(np.max(values, initial=0.0))) * 1.22)
 
 
 def _bar_colors(result: EvalResult) -> list[Any]:

@@ -110,6 +110,7 @@ def render_prediction_panel(
     show_ignore: bool = False,
     bgr_input: bool | None = None,
     view_size: tuple[int, int] = (800, 520),
+    zoom: float = 1.0,
     legend: str = "present",
     frame: SceneFrame | None = None,
     camera: Camera | None = None,
@@ -117,8 +118,10 @@ def render_prediction_panel(
     """Draw the panel of one sample; any of camera images (``sample``), ``gt`` and ``pred`` may be absent.
 
     ``gt`` defaults to ``sample["gt_occ"]`` when the sample has it. ``view_size`` is the (width,
-    height) of each 3D view; each BEV is a square of that height. ``legend="present"`` lists the
-    classes present in the grids shown, ``"all"`` every class (a fixed layout, for animations).
+    height) of each 3D view; each BEV is a square of that height. ``zoom > 1`` brings the 3D camera
+    closer to the ego (see :func:`default_camera`); the BEV always shows the whole grid.
+    ``legend="present"`` lists the classes present in the grids shown, ``"all"`` every class (a fixed
+    layout, for animations).
     """
     if legend not in ("present", "all"):
         raise ValueError(f"legend must be 'present' or 'all', got {legend!r}")
@@ -135,7 +138,7 @@ def render_prediction_panel(
         raise ValueError(f"gt shape {grids[0][2].shape} differs from prediction shape {grids[1][2].shape}")
     frame = frame or scene_frame(class_set, point_cloud_range)
     view_w, view_h = view_size
-    camera = camera or default_camera(frame, width=view_w, height=view_h)
+    camera = camera or default_camera(frame, width=view_w, height=view_h, zoom=zoom)
     if sample_id is None and sample is not None:
         sample_id = sample.get("meta", {}).get("sample_id")
 

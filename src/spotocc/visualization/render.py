@@ -169,14 +169,20 @@ def _range_corners(rng: Sequence[float]) -> np.ndarray:
     return np.array([[x, y, z] for x in xs for y in ys for z in zs], dtype=np.float64)  # [8, 3]
 
 
-def default_camera(frame: SceneFrame, *, width: int = 800, height: int = 520) -> Camera:
+def default_camera(frame: SceneFrame, *, width: int = 800, height: int = 520, zoom: float = 1.0) -> Camera:
     """The fixed oblique view of a street scene: from behind and above the ego vehicle, looking ahead.
 
     The eye is behind the grid's rear edge (or behind the ego, whichever is further back) and high
     above it, looking down at the middle of the range; focal length and principal point are fitted so
-    the range box (from just below the ground to its top) fills the image.
+    the range box (from just below the ground to its top) fills the image. ``zoom > 1`` frames a
+    smaller box instead: the range with its horizontal distances from the ego divided by ``zoom``.
     """
-    rng = frame.point_cloud_range
+    if zoom <= 0:
+        raise ValueError(f"zoom must be positive, got {zoom}")
+    rng = list(frame.point_cloud_range)
+    for k in (0, 1):
+        rng[k] = frame.ego_center[k] + (rng[k] - frame.ego_center[k]) / zoom
+        rng[k + 3] = frame.ego_center[k] + (rng[k + 3] - frame.ego_center[k]) / zoom
     f = frame.forward_axis
     lateral = 1 - f
     extent = rng[f + 3] - rng[f]
@@ -269,7 +275,7 @@ def _voxel_faces(
 def _labels_at(
     labels: np.ndarray, axis: int, s: np.ndarray, b: np.ndarray, c: np.ndarray, axis_b: int
 ) -> np.ndarray:
-    index = [None, None, None]
+    index: list[np.ndarray] = [s, s, s]
     index[axis] = s
     index[axis_b] = b
     index[3 - axis - axis_b] = c
@@ -292,15 +298,15 @@ def _box_faces(
             one = np.ones(1)
             groups.append(
                 _Faces(
-                    axis,
-                    sign,
-                    plane * one,
-                    lo[b] * one,
-                    hi[b] * one,
-                    lo[c] * one,
-                    hi[c] * one,
-                    np.full(1, color_id, dtype=np.int64),
-                )  # fmt: skip
+                    axis=axis,
+                    sign=sign,
+                    plane=plane * one,
+                    lo_b=lo[b] * one,
+                    hi_b=hi[b] * one,
+                    lo_c=lo[c] * one,
+                    hi_c=hi[c] * one,
+                    color_id=np.full(1, color_id, dtype=np.int64),
+                )
             )
     return groups
 
@@ -396,6 +402,8 @@ def rasterize_voxels(
     background: Sequence[int] = tuple(BACKGROUND),
 ) -> Rendering:
     """Render a label grid ``[X, Y, Z]`` in 3D and return the image with its per-pixel layers.
+
+    Faces with a corner behind the camera are skipped (the default cameras are outside the grid).
 
     ``frame`` defaults to :func:`scene_frame` of ``class_set``; ``camera`` to :func:`default_camera`.
     Empty voxels (0) are omitted, ignore voxels (255) too unless ``show_ignore``. Faces are shaded
