@@ -189,3 +189,32 @@ def test_zoom_frames_the_area_around_the_ego():
     assert u[0] < 0 and u[1] > 400
     with pytest.raises(ValueError, match="zoom"):
         default_camera(frame, zoom=0)
+
+
+def test_supersampling_keeps_face_colours_and_smooths_silhouettes():
+    camera = default_camera(KITTI, width=160, height=100)
+    point = np.array([[10.0, 3.0, 1.0]])
+    u1, v1, _ = camera.project(point)
+    u2, v2, _ = camera.scaled(2).project(point)
+    np.testing.assert_allclose((u2, v2), (2 * u1, 2 * v1))
+    labels = np.zeros(SHAPE, dtype=np.uint8)
+    labels[3:13, 3:13, 0] = 9  # a flat 10 x 10 road slab: one colour seen from above
+    sharp = render_3d(labels, "semantickitti", camera=camera, ego=False, edges=False)
+    smooth = render_3d(labels, "semantickitti", camera=camera, ego=False, edges=False, supersample=2)
+    assert smooth.shape == sharp.shape
+    road = np.round(SEMANTIC_KITTI_COLORS[9] * SHADE["+z"]).astype(np.uint8)
+    inside = (sharp == road).all(-1)
+    interior = (
+        inside[1:-1, 1:-1] & inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2] & inside[1:-1, 2:]
+    )
+    assert interior.sum() > 100
+    np.testing.assert_array_equal(smooth[1:-1, 1:-1][interior], sharp[1:-1, 1:-1][interior])
+    palette = {
+        tuple(road),
+        tuple(BACKGROUND),
+        tuple(np.round(SEMANTIC_KITTI_COLORS[9] * SHADE["-x"]).astype(int)),
+    }
+    blended = [tuple(p) for p in smooth.reshape(-1, 3).tolist() if tuple(p) not in palette]
+    assert len(blended) > 10  # silhouette pixels mix the slab and the background
+    with pytest.raises(ValueError, match="supersample"):
+        render_3d(labels, "semantickitti", camera=camera, supersample=0)

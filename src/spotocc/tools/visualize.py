@@ -77,6 +77,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--size", type=int, nargs=2, default=(800, 520), metavar=("W", "H"), help="3D view size in pixels"
     )
     parser.add_argument(
+        "--supersample", type=int, default=2, help="3D samples per pixel and direction (1: fastest)"
+    )
+    parser.add_argument(
         "--zoom",
         type=float,
         default=1.0,
@@ -211,6 +214,7 @@ def _scene(args: argparse.Namespace) -> int:
         bgr_input=ctx.bgr_input,
         view_size=tuple(args.size),
         zoom=args.zoom,
+        supersample=args.supersample,
     )
     print(f"wrote {path}")
     return 0
@@ -248,6 +252,7 @@ def _sequence(args: argparse.Namespace) -> int:
         bgr_input=ctx.bgr_input,
         view_size=tuple(args.size),
         zoom=args.zoom,
+        supersample=args.supersample,
     )
     print(f"wrote {path} ({count} frames)")
     return 0

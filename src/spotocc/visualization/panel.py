@@ -111,6 +111,7 @@ def render_prediction_panel(
     bgr_input: bool | None = None,
     view_size: tuple[int, int] = (800, 520),
     zoom: float = 1.0,
+    supersample: int = 2,
     legend: str = "present",
     frame: SceneFrame | None = None,
     camera: Camera | None = None,
@@ -120,6 +121,7 @@ def render_prediction_panel(
     ``gt`` defaults to ``sample["gt_occ"]`` when the sample has it. ``view_size`` is the (width,
     height) of each 3D view; each BEV is a square of that height. ``zoom > 1`` brings the 3D camera
     closer to the ego (see :func:`default_camera`); the BEV always shows the whole grid.
+    ``supersample``: samples per pixel and direction of the 3D views (2: smooth edges).
     ``legend="present"`` lists the classes present in the grids shown, ``"all"`` every class (a fixed
     layout, for animations).
     """
@@ -174,7 +176,9 @@ def render_prediction_panel(
     for key, heading, grid in grids:
         draw_text(canvas, (MARGIN, top), heading, size=HEADER_SIZE, bold=True)
         top += header_h
-        view = render_3d(grid, class_set, camera=camera, frame=frame, show_ignore=show_ignore)
+        view = render_3d(
+            grid, class_set, camera=camera, frame=frame, show_ignore=show_ignore, supersample=supersample
+        )
         regions[f"{key}_3d"] = paste(canvas, view, top, MARGIN)
         draw_label(canvas, (MARGIN + 4, top + 4), "3D view", size=TEXT_SIZE - 1)
         bev = _bev_view(grid, class_set, frame, show_ignore, view_h)

@@ -148,6 +148,13 @@ class Camera:
         f, r, d = self.forward, self.right, self.down
         return tuple(f[k] + xn * r[k] + yn * d[k] for k in range(3))  # type: ignore[return-value]
 
+    def scaled(self, factor: int) -> Camera:
+        """The same view on an image ``factor`` times larger in each direction."""
+        return Camera(
+            self.eye, self.forward, self.right, self.down, self.focal * factor, self.cx * factor,
+            self.cy * factor, self.width * factor, self.height * factor,
+        )  # fmt: skip
+
     def fitted(self, points: np.ndarray, margin: float = 0.03) -> Camera:
         """This camera with focal length and principal point chosen so ``points`` fill the image."""
         unit = Camera(self.eye, self.forward, self.right, self.down, 1.0, 0.0, 0.0, self.width, self.height)
@@ -399,6 +406,7 @@ def rasterize_voxels(
     show_ignore: bool = False,
     ego: bool = True,
     edges: bool = True,
+    outline_pixels: float = 1.0,
     background: Sequence[int] = tuple(BACKGROUND),
 ) -> Rendering:
     """Render a label grid ``[X, Y, Z]`` in 3D and return the image with its per-pixel layers.
@@ -407,7 +415,8 @@ def rasterize_voxels(
 
     ``frame`` defaults to :func:`scene_frame` of ``class_set``; ``camera`` to :func:`default_camera`.
     Empty voxels (0) are omitted, ignore voxels (255) too unless ``show_ignore``. Faces are shaded
-    by orientation (:data:`SHADE`); with ``edges``, voxel outlines darken faces seen large enough.
+    by orientation (:data:`SHADE`); with ``edges``, voxel outlines ``outline_pixels`` wide darken
+    faces at least ``EDGE_MIN_PIXELS * outline_pixels`` wide on screen.
     """
     labels = _check_labels(labels)
     frame = frame or scene_frame(class_set)
@@ -426,7 +435,8 @@ def rasterize_voxels(
         _rasterize_group(group, first, camera, zkey, eps)
         first += len(group)
 
-    return _shade(zkey, groups, camera, colors, edges, np.asarray(background, dtype=np.uint8))
+    outline = outline_pixels if edges else 0.0
+    return _shade(zkey, groups, camera, colors, outline, np.asarray(background, dtype=np.uint8))
 
 
 def _ego_box_size(frame: SceneFrame) -> tuple[float, float, float]:
@@ -439,7 +449,7 @@ def _shade(
     groups: list[_Faces],
     camera: Camera,
     colors: np.ndarray,
-    edges: bool,
+    outline: float,
     background: np.ndarray,
 ) -> Rendering:
     h, w = camera.height, camera.width
@@ -471,8 +481,8 @@ def _shade(
     gid = group_of[face_id]
     cid = cat["color_id"][face_id]
     factor = shade_of_group[gid]
-    if edges:
-        factor = factor * _edge_factor(hit, face_id, gid, axis_of_group, cat, camera)
+    if outline > 0:
+        factor = factor * _edge_factor(hit, face_id, gid, axis_of_group, cat, camera, outline)
     rgb = color_table[cid] * factor[:, None]
     image[hit] = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
     label[hit] = cid
@@ -489,8 +499,9 @@ def _edge_factor(
     axis_of_group: np.ndarray,
     cat: dict[str, np.ndarray],
     camera: Camera,
+    outline: float,
 ) -> np.ndarray:
-    """EDGE_SHADE where a pixel lies within about half a pixel of its face's border, else 1."""
+    """EDGE_SHADE where a pixel lies within ``outline / 2`` pixels of its face's border, else 1."""
     rows, cols = np.divmod(hit, camera.width)
     d = np.stack(camera.ray_directions(cols.astype(np.float64), rows.astype(np.float64)), axis=1)  # [P, 3]
     axis = axis_of_group[gid]
@@ -506,14 +517,38 @@ def _edge_factor(
         lo, hi = cat[lo_key][face_id], cat[hi_key][face_id]
         pixels = camera.focal * (hi - lo) / (t * norm) * np.maximum(cos, 0.35)  # face size on screen
         frac = np.clip((coord - lo) / (hi - lo), 0, 1)
-        near_edge = np.minimum(frac, 1 - frac) * pixels < 0.5
-        factor[(pixels >= EDGE_MIN_PIXELS) & near_edge] = EDGE_SHADE
+        near_edge = np.minimum(frac, 1 - frac) * pixels < outline / 2
+        factor[(pixels >= EDGE_MIN_PIXELS * outline) & near_edge] = EDGE_SHADE
     return factor
 
 
-def render_3d(labels: np.ndarray, class_set: str, **kwargs) -> np.ndarray:
-    """uint8 ``[H, W, 3]`` 3D render of a label grid (see :func:`rasterize_voxels` for the options)."""
-    return rasterize_voxels(labels, class_set, **kwargs).image
+def render_3d(
+    labels: np.ndarray,
+    class_set: str,
+    *,
+    camera: Camera | None = None,
+    frame: SceneFrame | None = None,
+    supersample: int = 1,
+    **options,
+) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` 3D render of a label grid (``options``: see :func:`rasterize_voxels`).
+
+    ``supersample=k`` renders ``k x k`` samples per pixel and averages them (smooth edges, about
+    ``k`` times slower).
+    """
+    if supersample < 1:
+        raise ValueError(f"supersample must be a positive integer, got {supersample}")
+    frame = frame or scene_frame(class_set)
+    camera = camera or default_camera(frame)
+    if supersample == 1:
+        return rasterize_voxels(labels, class_set, camera=camera, frame=frame, **options).image
+    k = int(supersample)
+    big = rasterize_voxels(
+        labels, class_set, camera=camera.scaled(k), frame=frame, outline_pixels=k, **options
+    ).image
+    h, w = camera.height, camera.width
+    mean = big.reshape(h, k, w, k, 3).mean(axis=(1, 3))  # [H, W, 3]
+    return np.round(mean).astype(np.uint8)
 
 
 def _check_labels(labels: np.ndarray) -> np.ndarray:
