@@ -48,7 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     command_parser = argparse.ArgumentParser(prog=f"spotocc {name}", description=COMMANDS[name][1])
     module.add_arguments(command_parser)
-    args = command_parser.parse_intermixed_args(rest)  # overrides may follow options
+    try:
+        args = command_parser.parse_intermixed_args(rest)  # key=value overrides may follow options
+    except TypeError:  # argparse cannot intermix a command that has sub-commands
+        args = command_parser.parse_args(rest)
     return int(module.main(args) or 0)
 
 
