@@ -285,7 +285,7 @@ class MaskSetCriterion(nn.Module):
         points = sample_without_replacement(groups, weights, self.num_points, generator=generator)  # [1, P]
         coords = voxel_coords(points, groups.grid_shape)  # [1, P, 3]
         point_logits = point_sample_3d(mask.float()[None], coords)[0]  # [Q, P]
-        point_targets = groups.labels[points[0]][None, :] == gt_labels[:, None]  # [G, P]
+        point_targets = groups.labels_at(points[0])[None, :] == gt_labels[:, None]  # [G, P]
         cost = (
             classification_cost(cls, gt_labels, MATCH_CLS_WEIGHT)
             + mask_bce_cost(point_logits, point_targets, MATCH_MASK_WEIGHT)
@@ -363,7 +363,7 @@ class MaskSetCriterion(nn.Module):
         for b, (index, row_labels) in enumerate(rows):
             if len(index) == 0:
                 continue
-            row_logits = mask[b, index]  # [R, X0, Y0, Z0]
+            row_logits = mask[b].index_select(0, index)  # [R, X0, Y0, Z0]
             if single_class_rows:
                 candidate_weights = groups[b].single_class_rows(self.sampling_weight, row_labels)
                 random_weights = groups[b].single_class_rows(self._uniform_weight, row_labels)
@@ -382,7 +382,7 @@ class MaskSetCriterion(nn.Module):
             )  # [R, P]
             coords = voxel_coords(points, groups[b].grid_shape)  # [R, P, 3]
             preds.append(point_sample_3d(row_logits[:, None], coords)[:, 0])  # [R, P]
-            targets.append(groups[b].labels[points] == row_labels[:, None])  # [R, P]
+            targets.append(groups[b].labels_at(points) == row_labels[:, None])  # [R, P]
             weights.append(class_weight[row_labels])  # [R]
         if not preds:
             # No supervised row in this process. Still join the collectives so other processes never wait.

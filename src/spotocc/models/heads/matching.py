@@ -91,6 +91,10 @@ class VoxelGroups:
         present = [c for c in range(self.num_classes) if self.counts[c] > 0]
         return torch.tensor(present, dtype=torch.long, device=self.device)
 
+    def labels_at(self, indices: Tensor) -> Tensor:
+        """The GT labels at flat voxel ``indices`` (any shape)."""
+        return _take(self.labels, indices)
+
     def class_weight_rows(self, class_weights: Tensor, num_rows: int) -> Tensor:
         """float64 ``[num_rows, num_groups]``: ``class_weights`` (``[num_classes]``) on every class group,
         0 on the ignore group: the released per-voxel weight ``sum_g w[label_g] * mask_g``."""
@@ -149,8 +153,8 @@ def sample_without_replacement(
 ) -> Tensor:
     """Distinct GT voxels per row, drawn with a per-group weight (every voxel of group g weighs w[g]).
 
-    The law is that of :func:`exponential_race` on the per-voxel weights: positive-weight voxels in
-    successive-sampling order (each next voxel proportional to its weight among those not yet drawn);
+    The law is that of :func:`exponential_race` on the per-voxel weights: positive-weight voxels by
+    successive sampling (each next voxel proportional to its weight among those not yet drawn);
     if a row has fewer than ``num_samples`` positive-weight voxels, all of them are taken and the rest
     is drawn uniformly without replacement among its zero-weight voxels (what PyTorch's fast path
     returns once the positive entries run out, spec 03 section 3.3). Cost is O(num_samples) per row:
@@ -163,7 +167,8 @@ def sample_without_replacement(
         num_samples: k, at most the number of voxels.
 
     Returns:
-        int64 ``[R, k]`` flat GT voxel indices, distinct within each row, on ``groups.device``.
+        int64 ``[R, k]`` flat GT voxel indices, distinct within each row (their order within a row is
+        unspecified), on ``groups.device``.
     """
     weights = group_weights.detach().to("cpu", torch.float64)
     if weights.dim() != 2 or weights.shape[1] != groups.num_groups:
@@ -177,7 +182,8 @@ def sample_without_replacement(
     distributions = _rows_by_distribution(weights)
     if len(distributions) == 1 and int(counts[distributions[0][1] > 0].sum()) >= num_samples:
         # The usual case (all rows from one distribution, enough positive voxels): no scatter needed.
-        return groups.order[_draw_positive(groups, distributions[0][1], len(weights), num_samples, generator)]
+        positions = _draw_positive(groups, distributions[0][1], len(weights), num_samples, generator)
+        return _take(groups.order, positions)
     positions = torch.empty(len(weights), num_samples, dtype=torch.long, device=groups.device)
     for rows, row_weights in distributions:
         positive = row_weights > 0  # [num_groups]
@@ -190,7 +196,12 @@ def sample_without_replacement(
         fill_weights = (~positive & (counts > 0)).to(torch.float64)  # [num_groups]
         fill = _draw_positive(groups, fill_weights, len(rows), num_samples - num_positive, generator)
         positions[rows, num_positive:] = fill
-    return groups.order[positions]
+    return _take(groups.order, positions)
+
+
+def _take(source: Tensor, index: Tensor) -> Tensor:
+    """``source[index]`` for a 1-D source (index_select: much faster than advanced indexing on CPU)."""
+    return source.index_select(0, index.flatten()).view(index.shape)
 
 
 def _rows_by_distribution(weights: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -265,45 +276,57 @@ def _first_distinct_draws(
     num_draws: int,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """The first k distinct values of i.i.d. weighted draws with replacement, per row: int64 [R, k]."""
+    """The first k distinct values of i.i.d. weighted draws with replacement, per row.
+
+    Returns int64 ``[R, k]`` positions in ``groups.order``, ascending within a row (the set is what
+    matters; ascending positions make the later lookups in ``groups.order`` cache-friendly).
+    """
     device = groups.device
     counts_host = torch.tensor(groups.counts, dtype=torch.float64)
-    mass = (weights * counts_host).to(device)  # [num_groups]
-    bounds = mass.cumsum(0)  # [num_groups] upper end of each group's interval
-    last_group = int(torch.nonzero(weights * counts_host > 0).max())  # last group with positive mass
-    group_weights = weights.to(device)
-    counts = torch.tensor(groups.counts, dtype=torch.long, device=device)
+    mass = weights * counts_host  # [num_groups]
+    last_group = int(torch.nonzero(mass > 0).max())  # last group with positive mass
+    bounds = mass.cumsum(0).to(device)  # [num_groups] upper end of each group's interval
+    start = bounds - mass.to(device)  # [num_groups] lower end
+    inverse_weight = torch.where(weights > 0, 1.0 / weights, torch.zeros_like(weights)).to(device)
+    last_rank = (counts_host - 1).clamp(min=0).to(device)
+    offsets = groups.offsets[:-1]
     draws = torch.empty(num_rows, 0, dtype=torch.long, device=device)
     while True:
         # One uniform per draw: the group by its cumulative mass, then the rank inside the group.
-        u = torch.rand(num_rows, num_draws, dtype=torch.float64, device=device, generator=generator)
-        u = u * bounds[-1]  # [R, M]
+        u = torch.rand(num_rows * num_draws, dtype=torch.float64, device=device, generator=generator)
+        u = u * bounds[-1]  # [R * M]
         group = torch.searchsorted(bounds, u, right=True)  # zero-mass groups are never hit
         group.clamp_(max=last_group)  # u rounded up to the total mass
-        start = bounds[group] - mass[group]
-        rank = ((u - start) / group_weights[group]).floor().long()
-        rank = torch.minimum(rank.clamp(min=0), counts[group] - 1)
-        draws = torch.cat([draws, groups.offsets[group] + rank], dim=1)  # [R, M_total] positions
-        first = _first_occurrences(draws, groups.num_voxels)  # [R, M_total] bool
-        num_distinct = first.sum(1)
-        if bool((num_distinct >= num_samples).all()):
-            break
-        num_draws = max(64, 2 * int(num_samples - num_distinct.min()))  # rare: draw more, keep order
-    keep = first & (first.cumsum(1) <= num_samples)  # exactly k per row, in draw order
-    return draws[keep].view(num_rows, num_samples)
+        rank = ((u - start.index_select(0, group)) * inverse_weight.index_select(0, group)).floor_()
+        rank = torch.minimum(rank.clamp_(min=0), last_rank.index_select(0, group)).long()
+        new = (offsets.index_select(0, group) + rank).view(num_rows, num_draws)
+        draws = torch.cat([draws, new], dim=1)  # [R, M_total] positions, in draw order
+        selected = _first_distinct(draws, num_samples, groups.num_voxels)
+        if selected is not None:
+            return selected
+        num_draws = max(64, 2 * num_samples)  # rare: not enough distinct values yet; draw more
 
 
-def _first_occurrences(values: Tensor, num_values: int) -> Tensor:
-    """bool [R, M]: True where ``values[r, m]`` does not occur earlier in row r."""
+def _first_distinct(values: Tensor, num_samples: int, num_values: int) -> Tensor | None:
+    """Per row, the first k distinct entries of ``values`` [R, M] (in [0, num_values)), ascending.
+
+    None if some row has fewer than k distinct entries.
+    """
     num_rows, num_draws = values.shape
+    # One sort for all rows: rows never collide in the keys; int32 keys sort faster when they fit.
+    key_dtype = torch.int32 if num_rows * num_values < 2**31 else torch.long
     row_offset = torch.arange(num_rows, device=values.device)[:, None] * num_values
-    keys = (values + row_offset).flatten()  # [R * M] rows never collide
+    keys = (values + row_offset).to(key_dtype).flatten()  # [R * M]
     sorted_keys, perm = torch.sort(keys, stable=True)  # stable: earliest draw first among equals
     first_sorted = torch.ones_like(sorted_keys, dtype=torch.bool)
     first_sorted[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    first = torch.empty_like(first_sorted)
-    first[perm] = first_sorted
-    return first.view(num_rows, num_draws)
+    first = torch.empty_like(first_sorted).index_copy_(0, perm, first_sorted).view(num_rows, num_draws)
+    rank = first.cumsum(1)  # [R, M] number of distinct values up to each draw
+    if bool((rank[:, -1] < num_samples).any()):
+        return None
+    keep = (first & (rank <= num_samples)).flatten().index_select(0, perm)  # in sorted order
+    kept = sorted_keys[keep].long().view(num_rows, num_samples)  # ascending within each row
+    return kept - row_offset
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,10 +342,11 @@ def voxel_coords(indices: Tensor, grid_shape: tuple[int, int, int]) -> Tensor:
     Returns:
         float32 ``[..., 3]`` in [0, 1]. An axis of size 1 maps to 0 (the release divides by zero there).
     """
-    size_x, size_y, size_z = grid_shape
-    i = torch.div(indices, size_y * size_z, rounding_mode="floor")
-    j = torch.div(indices, size_z, rounding_mode="floor") % size_y
-    k = indices % size_z
+    _, size_y, size_z = grid_shape
+    quotient = torch.div(indices, size_z, rounding_mode="floor")
+    k = indices - quotient * size_z
+    i = torch.div(quotient, size_y, rounding_mode="floor")
+    j = quotient - i * size_y
     coords = torch.stack([i, j, k], dim=-1).float()  # [..., 3]
     scale = torch.tensor([max(s - 1, 1) for s in grid_shape], dtype=torch.float32, device=indices.device)
     return coords / scale
