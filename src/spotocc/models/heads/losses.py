@@ -253,7 +253,7 @@ class MaskSetCriterion(nn.Module):
             labels[b, query] = gt_labels[b][gt]
             rows.append((query, gt_labels[b][gt]))
         labels = labels.flatten()  # [B * Q]
-        class_weight = self.class_weight.float()
+        class_weight = self.class_weight.to(cls.device, torch.float32)
         # avg_factor = sum of the per-query class weights (not averaged across processes, as released).
         loss_cls = self.loss_cls_weight * weighted_cross_entropy(
             cls.flatten(0, 1), labels, class_weight, avg_factor=class_weight[labels].sum()
@@ -325,7 +325,7 @@ class MaskSetCriterion(nn.Module):
             label_weights[b, slots] = 1.0
             rows.append((slots, slot_labels))
         labels = labels.flatten()  # [B * pad]
-        class_weight = self.class_weight.float()
+        class_weight = self.class_weight.to(cls.device, torch.float32)
         # As released: padded slots have label weight 0, yet their no-object class weight (0.1) still
         # counts in the average factor, so with B > 1 and unequal GT counts the DN CE is scaled down.
         loss_cls = self.loss_cls_weight * weighted_cross_entropy(
@@ -358,7 +358,7 @@ class MaskSetCriterion(nn.Module):
         (``single_class_rows``) from their own GT class only, filling with arbitrary other voxels when
         that class has too few voxels (spec 03 section 3.3, "sampling surprise").
         """
-        class_weight = self.class_weight.float()
+        class_weight = self.class_weight.to(mask.device, torch.float32)
         preds, targets, weights = [], [], []
         for b, (index, row_labels) in enumerate(rows):
             if len(index) == 0:
