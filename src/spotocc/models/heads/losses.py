@@ -211,6 +211,7 @@ class MaskSetCriterion(nn.Module):
             # Shared by every stage: the GT grouped by class (sampling structure) and the present classes.
             groups = [VoxelGroups.from_occupancy(gt_occ[b], self.num_classes) for b in range(len(gt_occ))]
             gt_labels = [g.present_classes() for g in groups]
+            dn_stages = self._check_dn(dn_outputs, dn_meta, gt_labels, num_stages, gt_occ)
             losses: dict[str, Tensor] = {}
             for stage in range(num_stages):
                 loss_cls, loss_mask, loss_dice = self._matching_losses(
@@ -219,14 +220,9 @@ class MaskSetCriterion(nn.Module):
                 losses[key(stage, "loss_cls")] = loss_cls
                 losses[key(stage, "loss_mask")] = loss_mask
                 losses[key(stage, "loss_dice")] = loss_dice
-            for stage, dn_cls, dn_mask in self._check_dn(dn_outputs, dn_meta, gt_labels, num_stages, gt_occ):
+            for stage, dn_cls, dn_mask in dn_stages:
                 loss_cls, loss_mask, loss_dice = self._dn_losses(
-                    dn_cls.float(),
-                    dn_mask.float(),
-                    groups,
-                    gt_labels,
-                    dn_meta,
-                    generator,  # type: ignore[arg-type]
+                    dn_cls.float(), dn_mask.float(), groups, gt_labels, dn_meta or {}, generator
                 )
                 losses[key(stage, "loss_cls_dn")] = loss_cls
                 losses[key(stage, "loss_mask_dn")] = loss_mask
