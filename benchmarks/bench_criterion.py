@@ -5,7 +5,7 @@ P = 50,176 points, DN at stage 0 with one slot per GT. Also compares, side by si
 mask-loss candidate draw (3P distinct voxels per GT row) done the released way (torch.multinomial
 without replacement over every GT voxel's weight) and with spotocc's grouped sampler.
 
-    python benchmarks/bench_criterion.py [--batch-size 1] [--repeats 2] [--device cpu]
+    python benchmarks/bench_criterion.py [--batch-size 1] [--repeats 2] [--device cpu] [--threads 1]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import gc
 import resource
 import statistics
+import threading
 import time
 
 import torch
@@ -35,8 +36,29 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+class RssPeak:
+    """Highest resident set size (MiB) seen by a background thread while the block runs."""
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        self.interval_s = interval_s
+        self.value = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.value = max(self.value, _rss_mib())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> RssPeak:
+        self.value = _rss_mib()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.value = max(self.value, _rss_mib())
 
 
 def _sync(device: torch.device) -> None:
@@ -96,7 +118,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--released-rows", type=int, default=2, help="rows for the torch.multinomial draw")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)  # on a shared machine, 1 thread gives the steadiest timings
     device = torch.device(args.device)
     print(
         f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
@@ -145,9 +170,9 @@ def main() -> None:
     )
 
     # --- full call: forward (10 stages + DN) and backward
+    leaves = [*cls, *mask, dn[0][1], dn[0][2]]
+
     def step():
-        for t in [*cls, *mask, dn[0][1], dn[0][2]]:
-            t.grad = None
         _sync(device)
         start = time.perf_counter()
         losses = criterion(cls, mask, gt, dn, meta)
@@ -157,19 +182,24 @@ def main() -> None:
         _sync(device)
         return middle - start, time.perf_counter() - middle, len(losses)
 
-    step()  # warm-up
+    step()  # warm-up; later steps accumulate into the same .grad tensors (no new allocation)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = _rss_mib()
-    results = [step() for _ in range(args.repeats)]
+    with RssPeak() as peak:
+        results = [step() for _ in range(args.repeats)]
     forward = statistics.median(r[0] for r in results)
     backward = statistics.median(r[1] for r in results)
     print(
         f"full criterion ({NUM_STAGES} stages + DN, {results[0][2]} losses): forward {forward:.2f} s, "
         f"backward {backward:.2f} s (median of {args.repeats})"
     )
-    print(f"memory: RSS before {rss_before:.0f} MiB, process peak RSS {_peak_rss_mib():.0f} MiB")
+    grads = sum(t.grad.numel() * t.grad.element_size() for t in leaves) / 2**20
+    print(
+        f"memory: resident before the call (inputs, grads {grads:.0f} MiB) {rss_before:.0f} MiB; "
+        f"peak during forward+backward +{peak.value - rss_before:.0f} MiB (RSS sampled every 2 ms)"
+    )
     if device.type == "cuda":
         print(f"CUDA peak allocated {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
 

@@ -227,7 +227,7 @@ def _draw_positive(
     """k distinct positions in ``groups.order`` for each of ``num_rows`` rows of one distribution.
 
     ``weights``: float64 [num_groups] on the host, with at least k positive-weight voxels. Returns
-    int64 ``[num_rows, k]``, positive-weight voxels only, in successive-sampling order.
+    int64 ``[num_rows, k]``, positive-weight voxels only (order within a row unspecified).
     """
     if num_samples == 0:
         return torch.empty(num_rows, 0, dtype=torch.long, device=groups.device)
