@@ -93,3 +93,16 @@ def test_cross_process_batchnorm_equals_one_batchnorm_over_the_global_batch(tmp_
             assert torch.allclose(got["running_mean"][r], bn.running_mean, atol=1e-6), case
             assert torch.allclose(got["running_var"][r], bn.running_var, atol=1e-6), case
         assert sizes[0] != sizes[1]
+
+
+def test_reduce_mean_averages_over_a_single_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        value = torch.tensor([2.0, 6.0])
+        reduced = reduce_mean(value)
+        assert torch.equal(reduced, value) and reduced is not value
+        assert torch.equal(value, torch.tensor([2.0, 6.0]))  # input untouched
+    finally:
+        dist.destroy_process_group()
