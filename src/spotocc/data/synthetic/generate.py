@@ -107,7 +107,10 @@ def generate(
         "write_npy_labels": write_npy_labels,
     }
     if num_workers > 0 and len(jobs) > 1:
-        ctx = multiprocessing.get_context("spawn")  # safe even when the caller has started torch threads
+        # fork (as torch's DataLoader workers) avoids re-importing the package in every worker; the
+        # workers use numpy only.
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
         with ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx) as pool:
             results = list(pool.map(_write_one, [(options, split, i) for split, i in jobs]))
     else:
