@@ -238,6 +238,14 @@ class _Rasteriser:
         self.kinds[box][fill] = KIND_ID[kind]
         self.tint[box][fill] = tint
 
+    def built_over(self, s: float, d: float, radius: float) -> bool:
+        """True if a building stands within ``radius`` metres (in s and l) of the road-frame point."""
+        l = float(self.road.centre(np.array(s))) + d
+        near = (np.abs(self.column_s - s) <= radius) & (
+            np.abs(self.column_d + self.road.centre(self.column_s) - l) <= radius
+        )
+        return bool((self.kinds[near] == KIND_ID["building"]).any())
+
     def height_at(self, s: np.ndarray | float, l: np.ndarray | float) -> np.ndarray:
         """Ground surface height of the voxel columns under road-frame points (objects stand on it)."""
         w = self.world
@@ -363,27 +371,31 @@ def _along(rng: np.random.Generator, s_lo: float, s_hi: float, gap: tuple[float,
 
 
 def _buildings(r: _Rasteriser, side: int, s_lo: float, s_hi: float) -> None:
+    """A row of buildings along the sidewalk (``buildings`` frontage) and sometimes a row further back."""
     road, rng = r.road, r.rng
     info = road.left if side > 0 else road.right
-    if info.frontage != "buildings":
-        return
     s, d = r.column_s, r.column_d * side  # [NX, NY]
     cross = road.in_cross(s, 1.0)
     _, e_side = road.edges(np.full(1, float(side)))
-    inner = float(e_side[0]) + info.setback
-    s0 = s_lo + rng.uniform(-10, 5)
-    while s0 < s_hi:
-        length, depth = rng.uniform(8, 28), rng.uniform(8, 16)
-        height = rng.uniform(4, 16)
-        foot = (s >= s0) & (s < s0 + length) & (d >= inner) & (d < inner + depth) & ~cross
-        tint = int(rng.integers(0, 256))
-        r.fill_columns(foot, r.k_top, r.height + height, "building", tint)
-        if rng.random() < 0.3:  # a hedge in front of the building
-            hedge = (s >= s0) & (s < s0 + length) & (d >= inner - 1.0) & (d < inner - 0.2) & ~cross
-            r.fill_columns(
-                hedge, r.k_top + 1, r.height + rng.uniform(0.6, 1.3), "vegetation", tint, only_empty=True
-            )
-        s0 += length + rng.uniform(0, 7)
+    rows = []
+    if info.frontage == "buildings":
+        rows.append((float(e_side[0]) + info.setback, True))
+    if rng.random() < 0.5:
+        back = float(e_side[0]) + (info.lot_depth if info.frontage == "parking_lot" else 0.0)
+        rows.append((back + rng.uniform(18.0, 30.0), False))
+    for inner, front_row in rows:
+        s0 = s_lo + rng.uniform(-10, 5)
+        while s0 < s_hi:
+            length, depth = rng.uniform(8, 28), rng.uniform(8, 16)
+            height = rng.uniform(4, 16)
+            foot = (s >= s0) & (s < s0 + length) & (d >= inner) & (d < inner + depth) & ~cross
+            tint = int(rng.integers(0, 256))
+            r.fill_columns(foot, r.k_top, r.height + height, "building", tint)
+            if front_row and rng.random() < 0.3:  # a hedge in front of the building
+                hedge = (s >= s0) & (s < s0 + length) & (d >= inner - 1.0) & (d < inner - 0.2) & ~cross
+                z_top = r.height + rng.uniform(0.6, 1.3)
+                r.fill_columns(hedge, r.k_top + 1, z_top, "vegetation", tint, only_empty=True)
+            s0 += length + rng.uniform(0, 7 if front_row else 15)
 
 
 def _street_furniture(r: _Rasteriser, side: int, s_lo: float, s_hi: float) -> None:
@@ -409,6 +421,8 @@ def _street_furniture(r: _Rasteriser, side: int, s_lo: float, s_hi: float) -> No
 
 def _tree(r: _Rasteriser, s: float, d: float, scale: float = 1.0) -> None:
     rng = r.rng
+    if r.built_over(s, d, 2.0):
+        return
     base = rng.uniform(1.8, 3.5) * scale
     rad = rng.uniform(1.4, 3.0) * scale
     rz = rng.uniform(1.2, 2.6) * scale
@@ -441,13 +455,13 @@ def _open_frontage(r: _Rasteriser, side: int, s_lo: float, s_hi: float, l_world:
             continue
         if rng.random() < 0.6:
             _tree(r, s, d)
-        else:
+        elif not r.built_over(s, d, 1.5):
             rad = rng.uniform(0.6, 1.6)
             r.stamp(r.place(r.ellipsoid(rad, rad, rng.uniform(0.5, 1.0), 0.3), s, d), "vegetation")
     if rng.random() < 0.1:  # a construction vehicle parked on the terrain
         s = rng.uniform(s_lo, s_hi)
-        if not road.in_cross(np.array(s), 6.0):
-            d = side * (inner + rng.uniform(3.0, 8.0))
+        d = side * (inner + rng.uniform(3.0, 8.0))
+        if not road.in_cross(np.array(s), 6.0) and not r.built_over(s, d, 4.0):
             pts = np.concatenate([r.box(6.0, 2.6, 0.3, 2.2), r.box(2.0, 2.0, 2.2, 3.4, x0=-1.0)])
             r.stamp(r.place(pts, s, d, yaw=rng.uniform(-0.5, 0.5)), "construction-vehicle")
 
@@ -532,7 +546,7 @@ def _people(r: _Rasteriser, s_lo: float, s_hi: float) -> None:
         d = side * rng.uniform(e_park + 0.3, max(e_park + 0.4, e_side - 0.3))
         if info.sidewalk == 0:
             d = side * (e_side + rng.uniform(0.5, 3.0))
-        if not _free_of_ego(s, d, road):
+        if not _free_of_ego(s, d, road) or r.built_over(s, d, 1.0):
             continue
         u = rng.random()
         if u < 0.75:
