@@ -89,6 +89,8 @@ def test_downsample_matches_released_placeholder_mode_on_random_grids():
 def test_downsample_rejects_bad_shapes():
     with pytest.raises(ValueError, match="integer multiple"):
         downsample_labels(torch.zeros(1, 6, 4, 4, dtype=torch.uint8), (4, 2, 2))
+    with pytest.raises(ValueError, match="non-negative integer"):
+        downsample_labels(torch.full((1, 4, 4, 4), -1), (2, 2, 2))
     with pytest.raises(ValueError, match=r"\[B, X, Y, Z\]"):
         downsample_labels(torch.zeros(6, 4, 4, dtype=torch.uint8), (3, 2, 2))
 

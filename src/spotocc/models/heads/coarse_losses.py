@@ -48,8 +48,10 @@ def downsample_labels(gt_occ: torch.Tensor, out_size: tuple[int, int, int]) -> t
     than every label. This is what ``torch.mode`` returns on CPU, and what its CUDA kernel (ascending
     sort, then a first-wins max reduction) returns; here it is explicit and device-independent.
     Consequences: a block in which every nonzero label occurs once and which contains a 0 becomes
-    255; such a block without a 0 takes its smallest label; between 255 and a class of equal count
-    the class wins.
+    255 (e.g. 7 empty voxels and 1 car voxel); such a block without a 0 takes its smallest label;
+    between 255 and a class of equal count the class wins.
+
+    Implemented by counting each label per block (no sort, no placeholders).
     """
     if gt_occ.dim() != 4:
         raise ValueError(f"downsample_labels: gt_occ must be [B, X, Y, Z], got {tuple(gt_occ.shape)}")
@@ -61,26 +63,30 @@ def downsample_labels(gt_occ: torch.Tensor, out_size: tuple[int, int, int]) -> t
         )
     x0, y0, z0 = out_size
     rx, ry, rz = (s // o for s, o in zip(size, out_size))
-    labels = gt_occ.to(torch.int32)
     if rx * ry * rz == 1:
-        return labels.long()
-    blocks = labels.view(batch, x0, rx, y0, ry, z0, rz).permute(0, 1, 3, 5, 2, 4, 6)
-    blocks = blocks.reshape(-1, rx * ry * rz)  # [M, n] one row per coarse voxel
-    block_len = blocks.shape[1]
-
-    is_zero = blocks == 0
-    placeholders = -1 - torch.arange(block_len, dtype=blocks.dtype, device=blocks.device)  # distinct
-    values, _ = torch.where(is_zero, placeholders, blocks).sort(dim=1)  # [M, n] ascending
-    new_run = torch.ones_like(values, dtype=torch.bool)
-    new_run[:, 1:] = values[:, 1:] != values[:, :-1]
-    run_id = new_run.long().cumsum(dim=1) - 1  # [M, n] index of each element's run of equal values
-    run_len = torch.zeros_like(run_id).scatter_add_(1, run_id, torch.ones_like(run_id))
-    count = run_len.gather(1, run_id)  # [M, n] frequency of each element's value
-    # argmax returns the first maximum: values are ascending, so ties go to the smallest value
-    mode = values.gather(1, count.argmax(dim=1, keepdim=True)).squeeze(1)  # [M]
-    mode = torch.where(mode < 0, torch.full_like(mode, IGNORE_INDEX), mode)
-    mode = torch.where(is_zero.all(dim=1), torch.zeros_like(mode), mode)
-    return mode.view(batch, x0, y0, z0).long()
+        return gt_occ.long()
+    if gt_occ.dtype.is_floating_point or bool((gt_occ < 0).any()):
+        raise ValueError("downsample_labels: gt_occ must hold non-negative integer labels")
+    # compact the label values present: code i <-> values[i], ascending, so code order = value order
+    blocks = gt_occ.view(batch, x0, rx, y0, ry, z0, rz).permute(0, 1, 3, 5, 2, 4, 6)
+    blocks = blocks.reshape(-1, rx * ry * rz).long()  # [M, n] one row per coarse voxel
+    present = torch.bincount(blocks.view(-1)) > 0
+    values = present.nonzero().squeeze(1)  # [V] ascending
+    blocks = (present.long().cumsum(0) - 1)[blocks]  # label codes
+    counts = torch.zeros(len(blocks), len(values), dtype=torch.int32, device=blocks.device)
+    counts.scatter_add_(1, blocks, torch.ones_like(blocks, dtype=torch.int32))  # [M, V] occurrences
+    zeros = torch.zeros_like(counts[:, 0])
+    if bool(values[0] == 0):
+        zeros = counts[:, 0].clone()
+        counts[:, 0] = 0  # each 0 is a value of its own (count 1), never a run
+    # argmax returns the first maximum: the smallest value among the most frequent nonzero labels
+    best = counts.argmax(dim=1)  # [M]
+    best_count = counts.gather(1, best[:, None]).squeeze(1)
+    mode = values[best]
+    # every nonzero label occurs at most once and a 0 (placeholder, smaller than any label) ties: 255
+    mode = torch.where((best_count <= 1) & (zeros > 0), torch.full_like(mode, IGNORE_INDEX), mode)
+    mode = torch.where(zeros == blocks.shape[1], torch.zeros_like(mode), mode)  # all empty
+    return mode.view(batch, x0, y0, z0)
 
 
 # --------------------------------------------------------------------------------------------------
