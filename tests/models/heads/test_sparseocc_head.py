@@ -442,3 +442,12 @@ def test_bad_inputs_raise_clear_errors():
         SparseOccHead(num_classes=3).forward_train(tiny_feats(channels=192), tiny_gt())
     with pytest.raises(ValueError, match="integer multiple"):
         head.forward_train(tiny_feats(), torch.zeros(2, 9, 8, 4, dtype=torch.uint8))
+
+
+def test_forward_train_under_bf16_autocast_keeps_coarse_losses_in_float32():
+    head = tiny_head().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = head.forward_train(tiny_feats(), tiny_gt())
+    assert all(losses[key].dtype == torch.float32 for key in LOSS_KEYS)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
