@@ -37,9 +37,9 @@ class _SingleSampleSafeBatchNorm:
             return super().forward(x)  # type: ignore[misc]
         # One value per channel: normalise like eval mode, then update the running mean (the variance of a
         # single value is undefined, so running_var stays as it is).
-        out = F.batch_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-        )
+        # (clones: autograd keeps the statistics for backward, and running_mean is updated in place below)
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        out = F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
