@@ -120,10 +120,9 @@ def test_geometry_hand_computed_point_and_voxel():
     # cell (d = 10 -> k 16, v = 42 -> i 2, u = 70 -> j 4): camera (-1.8, 1.0, 10) -> LiDAR (10, 1.8, -1) + t
     torch.testing.assert_close(points[0, 0, 16, 2, 4], torch.tensor([11.0, 2.3, 0.5]))
     lower, dx = torch.tensor(NUSC_RANGE[:3]), torch.tensor([0.8] * 3)
-    index = voxel_indices(points, lower, dx, (128, 128, 10))
-    assert (
-        index[0, 0, 16, 2, 4] == (77 * 128 + 66) * 10 + 6
-    )  # trunc(62.2/.8)=77, trunc(53.5/.8)=66, trunc(5.5/.8)=6
+    index, inside = voxel_indices(points, lower, dx, (128, 128, 10))
+    # trunc(62.2 / 0.8) = 77, trunc(53.5 / 0.8) = 66, trunc(5.5 / 0.8) = 6
+    assert inside[0, 0, 16, 2, 4] and index[0, 0, 16, 2, 4] == (77 * 128 + 66) * 10 + 6
 
 
 def test_geometry_subtracts_the_kitti_projection_offset():
@@ -249,22 +248,24 @@ def test_voxel_pooling_equals_a_naive_loop():
     points[1, 1, 2, 1, 2] = torch.tensor([4.2, 0.0, 0.2])  # above x: dropped
     depth = torch.rand(b, n, d, h, w).softmax(dim=2).requires_grad_()
     context = torch.randn(b, n, c, h, w, requires_grad=True)
-    index = voxel_indices(points, torch.tensor(lower), torch.tensor(dx), grid)
+    index, inside = voxel_indices(points, torch.tensor(lower), torch.tensor(dx), grid)
     expected = _naive_pool(depth.detach(), context.detach(), points, lower, dx, grid)
     for chunk in (1, 1 << 20):  # one depth bin per chunk, and all at once
-        volume = lift_and_pool(depth, context, index, grid, chunk_elements=chunk)
+        volume = lift_and_pool(depth, context, index, inside, grid, chunk_elements=chunk)
         assert volume.shape == (b, c, *grid) and volume.dtype == torch.float32
+        assert volume.is_contiguous(memory_format=torch.channels_last_3d)
         torch.testing.assert_close(volume.double(), expected, atol=1e-5, rtol=1e-5)
         assert torch.equal(volume == 0, expected == 0)  # empty voxels exactly zero
-    assert index[0, 0, 0, 0, 0] == 0 and index[0, 0, 0, 0, 1] == b * 4 * 3 * 2
+    assert inside[0, 0, 0, 0, 0] and index[0, 0, 0, 0, 0] == 0
+    assert not inside[0, 0, 0, 0, 1] and not inside[1, 1, 2, 1, 2]
     assert (expected.abs().sum(dim=1) > 0).sum() > 10  # a non-trivial case
 
     # gradient of <weights, volume>: each point gets <weights[voxel], context[pixel]>
     weights = torch.randn(b, c, *grid)
     (volume * weights).sum().backward()
     flat_weights = weights.permute(0, 2, 3, 4, 1).reshape(-1, c)
-    flat_weights = torch.cat([flat_weights, torch.zeros(1, c)])  # discarded points
     expected_grad = (flat_weights[index] * context.detach().permute(0, 1, 3, 4, 2)[:, :, None]).sum(-1)
+    expected_grad = torch.where(inside, expected_grad, torch.zeros(()))  # dropped points: no gradient
     torch.testing.assert_close(depth.grad, expected_grad)
     assert context.grad is not None and context.grad.abs().sum() > 0
 
@@ -391,12 +392,12 @@ def test_view_transformer_places_a_one_hot_depth_in_the_right_voxel():
     k = _pad4(torch.tensor([[100.0, 0.0, 88.0], [0.0, 100.0, 32.0], [0.0, 0.0, 1.0]]))
     cams = _cams(CAM_TO_LIDAR, torch.tensor([1.0, 0.5, 1.5]), k)
     points = vt.geometry(*cams)
-    index = voxel_indices(points, vt.bx - vt.dx / 2, vt.dx, vt.grid_size)
+    index, inside = voxel_indices(points, vt.bx - vt.dx / 2, vt.dx, vt.grid_size)
     depth = torch.zeros(1, 1, 112, 4, 11)
     depth[0, 0, 16, 2, 4] = 1.0
     context = torch.zeros(1, 1, 4, 4, 11)
     context[0, 0, :, 2, 4] = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    volume = lift_and_pool(depth, context, index, vt.grid_size)
+    volume = lift_and_pool(depth, context, index, inside, vt.grid_size)
     assert volume.shape == (1, 4, 128, 128, 10)
     assert volume[0, :, 77, 66, 6].tolist() == [1.0, 2.0, 3.0, 4.0]
     assert int((volume != 0).sum()) == 4

@@ -310,10 +310,10 @@ def frustum_to_grid(
             t.float() for t in (rots, trans, intrins, post_rots, post_trans, bda)
         )
         points = frustum - post_trans.view(b, n, 1, 1, 1, 3)  # [B, N, D, fH, fW, 3]
-        points = torch.inverse(post_rots).view(b, n, 1, 1, 1, 3, 3).matmul(points.unsqueeze(-1))
+        points = torch.linalg.inv_ex(post_rots).inverse.view(b, n, 1, 1, 1, 3, 3).matmul(points.unsqueeze(-1))
         points = torch.cat([points[..., :2, :] * points[..., 2:3, :], points[..., 2:3, :]], dim=-2)
         points = points - intrins[..., :3, 3].view(b, n, 1, 1, 1, 3, 1)  # KITTI P2 offset; 0 for nuScenes
-        combine = rots.matmul(torch.inverse(intrins[..., :3, :3]))  # [B, N, 3, 3]
+        combine = rots.matmul(torch.linalg.inv_ex(intrins[..., :3, :3]).inverse)  # [B, N, 3, 3]
         points = combine.view(b, n, 1, 1, 1, 3, 3).matmul(points).squeeze(-1) + trans.view(b, n, 1, 1, 1, 3)
         points = bda[:, :3, :3].view(b, 1, 1, 1, 1, 3, 3).matmul(points.unsqueeze(-1)).squeeze(-1)
         return points + bda[:, :3, 3].view(b, 1, 1, 1, 1, 3)
@@ -359,11 +359,12 @@ def image_aug_transform(
 
 def voxel_indices(
     points: torch.Tensor, lower: torch.Tensor, voxel_size: torch.Tensor, grid_size: tuple[int, int, int]
-) -> torch.Tensor:
-    """Flat voxel index ((b X + ix) Y + iy) Z + iz of every point [B, N, D, fH, fW, 3] -> [B, N, D, fH, fW].
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Voxel of every point [B, N, D, fH, fW, 3] -> (flat index, inside), both [B, N, D, fH, fW].
 
-    i = trunc((p - lower) / voxel_size) (truncation toward zero as released, so points less than one voxel
-    below the lower bound land in voxel 0); points outside get the index B X Y Z (a discard slot).
+    i = trunc((p - lower) / voxel_size) per axis (truncation toward zero as released, so points less than
+    one voxel below the lower bound land in voxel 0); flat index ((b X + ix) Y + iy) Z + iz, set to 0
+    where ``inside`` is False (any i < 0 or i >= grid size: the point is dropped).
     """
     x, y, z = grid_size
     b = points.shape[0]
@@ -372,38 +373,42 @@ def voxel_indices(
     inside = ((ijk >= 0) & (ijk < size)).all(dim=-1)
     batch = torch.arange(b, device=points.device).view(b, *([1] * (points.dim() - 2)))
     flat = ((batch * x + ijk[..., 0]) * y + ijk[..., 1]) * z + ijk[..., 2]
-    return torch.where(inside, flat, torch.full_like(flat, b * x * y * z))
+    return torch.where(inside, flat, torch.zeros_like(flat)), inside
 
 
 def lift_and_pool(
     depth_prob: torch.Tensor,
     context: torch.Tensor,
     index: torch.Tensor,
+    inside: torch.Tensor,
     grid_size: tuple[int, int, int],
     *,
     chunk_elements: int = 1 << 23,
 ) -> torch.Tensor:
     """Sum of depth_prob x context over the points of every voxel -> [B, C, X, Y, Z] (fp32).
 
-    depth_prob [B, N, D, fH, fW], context [B, N, C, fH, fW], index [B, N, D, fH, fW] from
+    depth_prob [B, N, D, fH, fW], context [B, N, C, fH, fW], index / inside [B, N, D, fH, fW] from
     :func:`voxel_indices`. The outer product is formed a few depth bins at a time (about
     ``chunk_elements`` values per chunk) and added straight into the volume with ``index_add_``, so the
-    full lifted tensor [B, N, D, fH, fW, C] never exists, in forward or backward. Empty voxels are
-    exactly zero.
+    lifted tensor [B, N, D, fH, fW, C] never exists as a whole, in forward or backward. Dropped points get
+    depth 0 (they add exact zeros to voxel 0 and receive no gradient), so empty voxels are exactly zero.
+
+    The result is a view of a [B, X, Y, Z, C] buffer, i.e. in ``torch.channels_last_3d`` memory format
+    (per-voxel feature vectors are contiguous, which is what sparsification gathers); call
+    ``.contiguous()`` where a [B, C, X, Y, Z]-contiguous tensor is needed.
     """
     b, n, d, fh, fw = depth_prob.shape
     c = context.shape[2]
     x, y, z = grid_size
     with torch.autocast(device_type=depth_prob.device.type, enabled=False):
-        depth_prob = depth_prob.float()
+        depth_prob = torch.where(inside, depth_prob.float(), torch.zeros((), device=depth_prob.device))
         context = context.float().permute(0, 1, 3, 4, 2).unsqueeze(2)  # [B, N, 1, fH, fW, C]
-        volume = depth_prob.new_zeros(b * x * y * z + 1, c)  # last row: discarded points
+        volume = depth_prob.new_zeros(b * x * y * z, c)
         step = max(1, chunk_elements // max(1, b * n * fh * fw * c))
         for d0 in range(0, d, step):
             lifted = depth_prob[:, :, d0 : d0 + step, :, :, None] * context  # [B, N, dk, fH, fW, C]
             volume.index_add_(0, index[:, :, d0 : d0 + step].reshape(-1), lifted.reshape(-1, c))
-        volume = volume[:-1].view(b, x, y, z, c)
-        return volume.permute(0, 4, 1, 2, 3).contiguous()  # [B, C, X, Y, Z]
+        return volume.view(b, x, y, z, c).permute(0, 4, 1, 2, 3)  # [B, C, X, Y, Z], channels_last_3d
 
 
 # --------------------------------------------------------------------------------------------------
@@ -446,10 +451,12 @@ def depth_bce_loss(depth_prob: torch.Tensor, bins: torch.Tensor, valid: torch.Te
     averaged over valid cells (fp32, as released)."""
     num_bins = depth_prob.shape[1]
     with torch.autocast(device_type=depth_prob.device.type, enabled=False):
-        probs = depth_prob.float().permute(0, 2, 3, 1).reshape(-1, num_bins)[valid]  # [V, D]
-        onehot = F.one_hot(bins[valid], num_bins).float()
-        loss = F.binary_cross_entropy(probs, onehot, reduction="sum")
-        return loss / max(1.0, float(valid.sum()))
+        probs = depth_prob.float().permute(0, 2, 3, 1).reshape(-1, num_bins)  # [B*N*fH*fW, D]
+        onehot = F.one_hot(bins, num_bins).float()
+        bce = F.binary_cross_entropy(probs, onehot, reduction="none")
+        # masking instead of boolean indexing: no host-device synchronisation
+        bce = torch.where(valid[:, None], bce, torch.zeros_like(bce))
+        return bce.sum() / valid.sum().clamp(min=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -549,7 +556,7 @@ class ViewTransformer(nn.Module):
         bda: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """feats [B, N, C, fH, fW] + camera tensors (batch contract) -> (volume [B, Ct, X, Y, Z] fp32 with
-        exact zeros at empty voxels, depth_prob [B*N, D, fH, fW])."""
+        exact zeros at empty voxels, channels_last_3d memory format; depth_prob [B*N, D, fH, fW])."""
         b, n, c, fh, fw = feats.shape
         self._check_inputs(feats, rots, trans, intrins, post_rots, post_trans, bda)
         camera = camera_parameter_vector(
@@ -559,11 +566,12 @@ class ViewTransformer(nn.Module):
         depth_prob = out[:, : self.num_bins].softmax(dim=1)  # [B*N, D, fH, fW]
         context = out[:, self.num_bins :]  # [B*N, Ct, fH, fW]
         points = self.geometry(rots, trans, intrins, post_rots, post_trans, bda)  # [B, N, D, fH, fW, 3]
-        index = voxel_indices(points, self.bx - self.dx / 2.0, self.dx, self.grid_size)
+        index, inside = voxel_indices(points, self.bx - self.dx / 2.0, self.dx, self.grid_size)
         volume = lift_and_pool(
             depth_prob.unflatten(0, (b, n)),
             context.unflatten(0, (b, n)),
             index,
+            inside,
             self.grid_size,
             chunk_elements=self.pool_chunk_elements,
         )
