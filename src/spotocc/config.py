@@ -91,7 +91,8 @@ class ViewTransformerConfig:
     fix_depth_bin_offset: bool = False  # fix of the released one-bin offset of the depth targets
     deform_groups_conv: int = 4  # groups of the DCN main weight
     aspp_mid_channels: int | None = None  # None: in_channels
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # not released: depth-net convs checkpointed (numerically neutral)
+    pool_chunk_elements: int = 1 << 23  # lift+pool forms the outer product this many values at a time
 
 
 @dataclass

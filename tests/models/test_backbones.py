@@ -230,3 +230,5 @@ def test_bad_names_and_indices_are_rejected():
         ImageBackbone(name="resnet18", out_indices=(1, 5))
     with pytest.raises(ValueError, match="out_indices"):
         ImageBackbone(name="resnet18", out_indices=(3, 2))
+    with pytest.raises(ValueError, match="out_indices"):  # MobileNetV3's head conv runs after pooling
+        ImageBackbone(name="mobilenetv3_small_100", out_indices=(2, 5))

@@ -87,6 +87,8 @@ class ImageBackbone(nn.Module):
                 f"image_backbone.out_indices {out_indices}: {name} has feature indices 0..{num_stages - 1}"
                 + (f" and {num_stages} (head conv)" if _has_conv_head(name) else "")
             )
+        if self.out_indices[0] < 0:
+            raise ValueError(f"image_backbone.out_indices must be non-negative, got {out_indices}")
         body_indices = [i for i in self.out_indices if i < num_stages]
         if self.has_head and num_stages - 1 not in body_indices:
             body_indices.append(num_stages - 1)  # the head conv reads the last stage
@@ -169,7 +171,13 @@ class ImageBackbone(nn.Module):
 
 
 def _has_conv_head(name: str) -> bool:
-    return "efficientnet" in name or "mobilenet" in name or name.startswith("mnas")
+    """Whether ``name`` is a timm EfficientNet-style model whose 1x1 head conv runs on the last feature map
+    (not after global pooling, as in MobileNetV3)."""
+    from timm.models.efficientnet import EfficientNet
+
+    with torch.device("meta"):
+        full = timm.create_model(name, pretrained=False, num_classes=0)
+    return isinstance(full, EfficientNet) and hasattr(full, "conv_head") and hasattr(full, "bn2")
 
 
 def _build_conv_head(name: str) -> tuple[nn.Module, nn.Module]:
@@ -288,7 +296,9 @@ def read_state_dict(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any reader error means the same thing to the user
-        raise ValueError(f"{what}: cannot read weight file {path}: {err}") from err
+        raise ValueError(
+            f"{what}: cannot read weight file {path} (torch files are read with weights_only=True): {err}"
+        ) from err
     for key in ("state_dict", "model"):
         if isinstance(data, Mapping) and key in data and isinstance(data[key], Mapping):
             data = data[key]

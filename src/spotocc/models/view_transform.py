@@ -543,6 +543,7 @@ class ViewTransformer(nn.Module):
             dcn_groups=cfg.deform_groups_conv,
             aspp_mid_channels=cfg.aspp_mid_channels,
             activation_checkpointing=cfg.activation_checkpointing,
+            pool_chunk_elements=cfg.pool_chunk_elements,
         )
 
     def forward(
