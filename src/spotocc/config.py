@@ -58,11 +58,15 @@ class ImageBackboneConfig:
     """A timm image backbone returning the feature maps ``out_indices``."""
 
     name: str = "resnet50"  # timm model name: resnet50, tf_efficientnet_b7, resnet18, ...
-    out_indices: tuple[int, ...] = (1, 2, 3, 4)  # timm feature indices (resnet50: C2..C5)
+    # timm feature indices (resnet50: 1..4 = C2..C5); for EfficientNets the index one past the last stage
+    # (5) is the final 1x1 head conv (timm conv_head + bn2): (1, 2, 3, 4, 5) = mmcls layers[2..6]
+    out_indices: tuple[int, ...] = (1, 2, 3, 4)
     frozen_stem: bool = True  # mmdet ResNet frozen_stages=0: stem conv + BN frozen, BN in eval mode
     drop_path_rate: float = 0.0
-    weights: str | None = None  # local file with ImageNet weights; never downloaded
-    activation_checkpointing: bool = False
+    weights: str | None = None  # local file with ImageNet weights (torchvision/timm/mmcls); never downloaded
+    activation_checkpointing: bool = False  # released with_cp=True: per residual block
+    # fix: with checkpointing, BN running stats are updated once, not twice (released: twice, momentum 0.19)
+    fix_checkpoint_bn_double_update: bool = False
 
 
 @dataclass
@@ -87,7 +91,8 @@ class ViewTransformerConfig:
     fix_depth_bin_offset: bool = False  # fix of the released one-bin offset of the depth targets
     deform_groups_conv: int = 4  # groups of the DCN main weight
     aspp_mid_channels: int | None = None  # None: in_channels
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # not released: depth-net convs checkpointed (numerically neutral)
+    pool_chunk_elements: int = 1 << 23  # lift+pool forms the outer product this many values at a time
 
 
 @dataclass

@@ -81,7 +81,8 @@ def semantic_kitti(name: str, head_type: str) -> Config:
         model=ModelConfig(
             image_backbone=ImageBackboneConfig(
                 name="tf_efficientnet_b7",
-                out_indices=(2, 3, 4, 5, 6),  # mmcls layer indices: strides 4, 8, 16, 32 and the 2560 conv
+                # timm feature indices: strides 4, 8, 16, 32 and 5 = the 2560 head conv (mmcls layers[2..6])
+                out_indices=(1, 2, 3, 4, 5),
                 frozen_stem=False,
                 drop_path_rate=0.2,
                 activation_checkpointing=True,
