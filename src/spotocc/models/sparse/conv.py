@@ -658,7 +658,8 @@ class _SparseConv3d(SparseModule):
     def forward(self, x: SparseTensor) -> SparseTensor:
         if x.features.shape[1] != self.in_channels:
             raise ValueError(
-                f"{type(self).__name__}: expected {self.in_channels} input channels, got {x.features.shape[1]}"
+                f"{type(self).__name__}: expected {self.in_channels} input channels, "
+                f"got {x.features.shape[1]}"
             )
         if self.is_1x1:
             # features @ W.view(in, out): spconv's reinterpretation, not a transpose (spconv #450)

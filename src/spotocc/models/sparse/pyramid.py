@@ -76,7 +76,8 @@ class SparseFeaturePyramid(nn.Module):
             raise ValueError(f"SparseFeaturePyramid: in_channels needs 4 levels, got {tuple(in_channels)}")
         if feat_channels % num_groups:
             raise ValueError(
-                f"SparseFeaturePyramid: feat_channels {feat_channels} not divisible by num_groups {num_groups}"
+                f"SparseFeaturePyramid: feat_channels {feat_channels} is not divisible by "
+                f"num_groups {num_groups}"
             )
         self.in_channels = tuple(in_channels)
         self.feat_channels = feat_channels
@@ -140,7 +141,8 @@ class SparseFeaturePyramid(nn.Module):
         for i, (level, channels) in enumerate(zip(levels, self.in_channels)):
             if level.features.shape[1] != channels:
                 raise ValueError(
-                    f"SparseFeaturePyramid: level {i} has {level.features.shape[1]} channels, expected {channels}"
+                    f"SparseFeaturePyramid: level {i} has {level.features.shape[1]} channels, "
+                    f"expected {channels}"
                 )
         skip0, skip1, skip2, skip3 = levels
         proj3 = self.input_convs[0](skip3)
