@@ -215,7 +215,12 @@ class SparseFeaturePyramid(nn.Module):
             counts = counts.index_add(0, key, torch.ones_like(key, dtype=counts.dtype))
         merged = sums / counts.clamp(min=1).unsqueeze(1)
         # [B * XYZ, C] -> [B, C, X, Y, Z]
-        return merged.view(batch, num_voxels, channels).transpose(1, 2).reshape(batch, channels, *shape)
+        return (
+            merged.view(batch, num_voxels, channels)
+            .transpose(1, 2)
+            .reshape(batch, channels, *shape)
+            .contiguous()
+        )
 
 
 __all__ = ["ConvGNReLU3d", "SparseFeaturePyramid"]
