@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 SPARSE_BACKENDS = ("auto", "reference", "spconv")
@@ -349,57 +350,93 @@ def conv_output_shape(in_shape: Sequence[int], kernel: Int3, stride: Int3, paddi
     return out  # type: ignore[return-value]
 
 
+def _check_indices(x: SparseTensor) -> None:
+    """Out-of-range indices would silently read other voxels' rows from the lookup table."""
+    if x.num_active == 0:
+        return
+    low = x.indices.amin(dim=0).tolist()
+    high = x.indices.amax(dim=0).tolist()
+    limits = (x.batch_size, *x.spatial_shape)
+    if min(low) < 0 or any(h >= n for h, n in zip(high, limits)):
+        raise ValueError(
+            f"SparseTensor indices out of range: per-column min {low}, max {high} for batch_size "
+            f"{x.batch_size} and spatial_shape {x.spatial_shape}"
+        )
+
+
+def _output_indices(
+    x: SparseTensor, kernel: Int3, stride: Int3, padding: Int3, kind: str, out_shape: Int3
+) -> Tensor:
+    """[M, 4] int32 active output sites of a regular or transposed conv, in row-major order."""
+    device = x.indices.device
+    if kind == "regular" and all(p <= k // 2 for k, p in zip(kernel, padding)):
+        # any active input in the window: a max-pool of the occupancy mask (spec 02 section 8)
+        mask = x.features.new_zeros((x.batch_size, 1, *x.spatial_shape), dtype=torch.float32)
+        idx = x.indices.long()
+        mask[idx[:, 0], 0, idx[:, 1], idx[:, 2], idx[:, 3]] = 1.0
+        pooled = F.max_pool3d(mask, kernel, stride, padding)  # [B, 1, *out_shape]
+        return pooled[:, 0].nonzero().to(torch.int32)
+    idx = x.indices.long()
+    batch, coords = idx[:, 0], idx[:, 1:]
+    stride_t, pad_t = torch.tensor(stride, device=device), torch.tensor(padding, device=device)
+    out_size = torch.tensor(out_shape, device=device)
+    occupied = torch.zeros(x.batch_size * math.prod(out_shape), dtype=torch.bool, device=device)
+    for offset in _kernel_offsets(kernel, device):
+        if kind == "transposed":
+            out = coords * stride_t - pad_t + offset  # [N, 3]
+            valid = ((out >= 0) & (out < out_size)).all(dim=1)
+        else:
+            num = coords + pad_t - offset  # s * out
+            out = torch.div(num, stride_t, rounding_mode="floor")
+            valid = ((num % stride_t == 0) & (out >= 0) & (out < out_size)).all(dim=1)
+        occupied[_linear_keys(out[valid], out_shape, batch[valid])] = True
+    return _decode_keys(occupied.nonzero().squeeze(1), out_shape)  # sorted keys = row-major
+
+
 def _build_rulebook(x: SparseTensor, kernel: Int3, stride: Int3, padding: Int3, kind: str) -> _Rulebook:
+    _check_indices(x)
     device = x.indices.device
     in_shape = x.spatial_shape
     out_shape = conv_output_shape(in_shape, kernel, stride, padding, kind)
-    idx = x.indices.long()
-    batch, coords = idx[:, 0], idx[:, 1:]  # [N], [N, 3]
-    num_in = idx.shape[0]
-    offsets = _kernel_offsets(kernel, device)  # [K, 3]
-    stride_t = torch.tensor(stride, device=device)
-    pad_t = torch.tensor(padding, device=device)
-    in_size = torch.tensor(in_shape, device=device)
-    out_size = torch.tensor(out_shape, device=device)
     if kind == "subm":
-        pad_t = torch.tensor([(k - 1) // 2 for k in kernel], device=device)
-
-    # output active set
-    if kind == "subm":
+        padding = tuple((k - 1) // 2 for k in kernel)  # type: ignore[assignment]
         out_indices = x.indices
     else:
-        occupied = torch.zeros(x.batch_size * math.prod(out_shape), dtype=torch.bool, device=device)
-        for offset in offsets:
-            if kind == "transposed":
-                out = coords * stride_t - pad_t + offset  # [N, 3]
-                valid = ((out >= 0) & (out < out_size)).all(dim=1)
-            else:
-                num = coords + pad_t - offset  # s * out
-                out = torch.div(num, stride_t, rounding_mode="floor")
-                valid = ((num % stride_t == 0) & (out >= 0) & (out < out_size)).all(dim=1)
-            occupied[_linear_keys(out[valid], out_shape, batch[valid])] = True
-        out_indices = _decode_keys(occupied.nonzero().squeeze(1), out_shape)  # sorted keys
-
-    # neighbour table through a dense lookup of input rows (grids here are small: <= a few M cells)
-    lookup = torch.full((x.batch_size * math.prod(in_shape) + 1,), num_in, dtype=torch.long, device=device)
-    lookup[_linear_keys(coords, in_shape, batch)] = torch.arange(num_in, device=device)
-    miss_key = lookup.shape[0] - 1
+        out_indices = _output_indices(x, kernel, stride, padding, kind, out_shape)
+    num_in = x.num_active
+    idx = x.indices.long()
     out_idx = out_indices.long()
-    out_batch, out_coords = out_idx[:, 0], out_idx[:, 1:]
-    columns = []
-    for offset in offsets:
-        if kind == "transposed":
-            num = out_coords + pad_t - offset  # s * input
+    offsets = _kernel_offsets(kernel, device)  # [K, 3]
+
+    if kind == "transposed":
+        # input = (o + p - k) / s where divisible and inside the grid
+        lookup = torch.full(
+            (x.batch_size * math.prod(in_shape) + 1,), num_in, dtype=torch.long, device=device
+        )
+        lookup[_linear_keys(idx[:, 1:], in_shape, idx[:, 0])] = torch.arange(num_in, device=device)
+        stride_t, pad_t = torch.tensor(stride, device=device), torch.tensor(padding, device=device)
+        in_size = torch.tensor(in_shape, device=device)
+        columns = []
+        for offset in offsets:
+            num = out_idx[:, 1:] + pad_t - offset  # s * input
             src = torch.div(num, stride_t, rounding_mode="floor")
             valid = ((num % stride_t == 0) & (src >= 0) & (src < in_size)).all(dim=1)
-        else:
-            src = out_coords * stride_t - pad_t + offset
-            valid = ((src >= 0) & (src < in_size)).all(dim=1)
-        key = _linear_keys(src.clamp(min=0), in_shape, out_batch)
-        columns.append(lookup[torch.where(valid, key, miss_key)])
+            key = _linear_keys(src.clamp(min=0), in_shape, out_idx[:, 0])
+            columns.append(lookup[torch.where(valid, key, lookup.shape[0] - 1)])
+    else:
+        # input = s * o - p + k lies in [-p, n + p - 1]: a lookup grid padded by p on each side (filled
+        # with "missing") turns every offset into one constant shift of the linear key, no bounds checks
+        padded = tuple(n + 2 * p for n, p in zip(in_shape, padding))
+        lookup = torch.full((x.batch_size * math.prod(padded),), num_in, dtype=torch.long, device=device)
+        pad_t = torch.tensor(padding, device=device)
+        lookup[_linear_keys(idx[:, 1:] + pad_t, padded, idx[:, 0])] = torch.arange(num_in, device=device)
+        base = _linear_keys(
+            out_idx[:, 1:] * torch.tensor(stride, device=device), padded, out_idx[:, 0]
+        )  # [M]
+        shifts = _linear_keys(offsets, padded).tolist()  # [K]
+        columns = [lookup[base + shift] for shift in shifts]
     neighbours = torch.stack(columns, dim=1)  # [M, K]
-    filled = neighbours < num_in
-    per_offset = filled.sum(dim=0)
+    per_offset = (neighbours < num_in).sum(dim=0)
     keep = (per_offset > 0).nonzero().squeeze(1)
     return _Rulebook(
         out_indices=out_indices,
