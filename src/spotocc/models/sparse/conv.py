@@ -47,6 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 SPARSE_BACKENDS = ("auto", "reference", "spconv")
 DISABLE_SPCONV_ENV = "SPOTOCC_DISABLE_SPCONV"
@@ -491,6 +492,7 @@ class _ReferenceConvFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         features, weight_kio = ctx.saved_tensors
         rulebook: _Rulebook = ctx.rulebook
@@ -580,6 +582,7 @@ class _OneThreadFunction(torch.autograd.Function):
         return out_features.detach(), out_indices
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_features: Tensor, _grad_indices: Tensor | None):
         inner_features, inner_weight, out_features = ctx.graph
         with single_torch_thread():
@@ -593,7 +596,8 @@ class _OneThreadFunction(torch.autograd.Function):
 def _spconv_conv(
     x: SparseTensor, weight: Tensor, kernel: Int3, stride: Int3, padding: Int3, kind: str
 ) -> SparseTensor:
-    spconv = load_spconv()
+    spconv_pytorch = load_spconv()
+    from spconv import constants as spconv_constants
     from spconv.pytorch.conv import SparseConvolutionBase
 
     c_out, c_in = weight.shape[0], weight.shape[-1]
@@ -619,12 +623,14 @@ def _spconv_conv(
     out_shape: list[Int3] = []
 
     def call(f: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-        sp_in = spconv.SparseConvTensor(f, x.indices, spatial_shape, x.batch_size)
+        sp_in = spconv_pytorch.SparseConvTensor(f, x.indices, spatial_shape, x.batch_size)
         sp_out = spec._conv_forward(needs_grad, sp_in, w, None)
         out_shape.append(tuple(int(s) for s in sp_out.spatial_shape))
         return sp_out.features, sp_out.indices
 
     if features.is_cuda:
+        # spconv's GEMMs follow torch's TF32 switch, as the reference backend's torch.mm does
+        spconv_constants.SPCONV_ALLOW_TF32 = torch.backends.cuda.matmul.allow_tf32
         out_features, out_indices = call(features, weight)
     elif needs_grad:
         out_features, out_indices = _OneThreadFunction.apply(call, features, weight)
