@@ -1,9 +1,10 @@
 """Benchmark: SparseLatentDiffuser + SparseFeaturePyramid, reference backend vs spconv, on CPU.
 
-Input: a nuScenes- (or KITTI-) sized LSS volume [1, 128, 128, 128, Z] whose active voxels form a
-random blob-like mask (a smoothed noise field, thresholded) covering ``--density`` of the grid, as
-an LSS volume does where frustum points land. Each configuration runs in a fresh subprocess (so its
-peak RSS is its own): one warm-up, then ``--repeats`` timed runs (best and median reported).
+Input: an LSS volume of the preset's size ([B, 128, 128, 128, 10] for nuScenes; B = ``--batch``,
+default 1) whose active voxels form a random blob-like mask (a smoothed noise field, thresholded)
+covering ``--density`` of the grid, as an LSS volume does where frustum points land. Each
+configuration runs in a fresh subprocess (so its peak RSS is its own): one warm-up, then
+``--repeats`` timed runs (best and median reported).
 
     python benchmarks/bench_sparse.py                       # nuScenes preset, forward and fwd+bwd
     python benchmarks/bench_sparse.py --preset spotocc_kitti --modes forward
@@ -43,10 +44,12 @@ def _worker(args: argparse.Namespace) -> dict:
     x, y, z = cfg.grid.lss_size
     channels = cfg.model.voxel_encoder.in_channels
     # blob-like active set: smoothed noise thresholded at the quantile giving the wanted density
-    noise = F.avg_pool3d(torch.rand(1, 1, x, y, z), kernel_size=(9, 9, 3), stride=1, padding=(4, 4, 1))
+    noise = F.avg_pool3d(
+        torch.rand(args.batch, 1, x, y, z), kernel_size=(9, 9, 3), stride=1, padding=(4, 4, 1)
+    )
     threshold = torch.quantile(noise.flatten()[:: max(1, noise.numel() // 100_000)], 1 - args.density)
     active = noise > threshold  # [1, 1, X, Y, Z]
-    volume = torch.rand(1, channels, x, y, z) * active
+    volume = torch.rand(args.batch, channels, x, y, z) * active
     density = active.float().mean().item()
 
     def step() -> None:
@@ -91,6 +94,7 @@ def main() -> int:
     parser.add_argument("--preset", default="spotocc_nusc_256")
     parser.add_argument("--density", type=float, default=0.4, help="fraction of active voxels in the input")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--modes", nargs="+", default=["forward", "forward+backward"])
     parser.add_argument(
         "--configs",
@@ -107,7 +111,7 @@ def main() -> int:
         print(json.dumps(_worker(args)))
         return 0
 
-    print(f"preset {args.preset}, input density {args.density}, batch 1, best/median of {args.repeats}")
+    print(f"preset {args.preset}, density {args.density}, batch {args.batch}, best/median of {args.repeats}")
     results = []
     for mode in args.modes:
         for config in args.configs:
@@ -119,6 +123,7 @@ def main() -> int:
                 f"--preset={args.preset}",
                 f"--density={args.density}",
                 f"--repeats={args.repeats}",
+                f"--batch={args.batch}",
                 f"--backend={backend}",
                 f"--threads={threads}",
                 f"--mode={mode}",
