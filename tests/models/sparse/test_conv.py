@@ -262,6 +262,16 @@ def test_sparse_tensor_validates_and_makes_indices_contiguous():
         SubMConv3d(5, 2, 3, bias=False)(x)
 
 
+def test_sparse_sequential_applies_plain_modules_to_features_and_nests():
+    x = SparseTensor.from_dense(random_volume(1, 3, (4, 4, 3), 0.5, seed=7).float())
+    conv = SubMConv3d(3, 3, 1, bias=False)
+    seq = SparseSequential(SparseSequential(conv, torch.nn.ReLU()), torch.nn.Linear(3, 2, bias=False))
+    y = seq(x)
+    expected = seq[1](torch.relu(x.features @ conv.weight.reshape(3, 3)))
+    assert torch.equal(y.indices, x.indices)
+    torch.testing.assert_close(y.features, expected)
+
+
 def test_submanifold_convs_on_one_index_set_share_one_rulebook(monkeypatch):
     calls = []
     build = sparse_conv._build_rulebook

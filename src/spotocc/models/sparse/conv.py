@@ -763,7 +763,7 @@ class SparseConvTranspose3d(_SparseConv3d):
     kind = "transposed"
 
 
-class SparseSequential(nn.Sequential):
+class SparseSequential(nn.Sequential, SparseModule):
     """Sequential over a :class:`SparseTensor`: sparse modules see the tensor, others its features.
 
     Feature-wise modules (norms, activations) are skipped on an empty tensor, as in spconv.
