@@ -295,6 +295,7 @@ def test_backend_selection(monkeypatch):
     assert load_spconv() is not None  # the dev extra installs spconv's CPU wheel
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_backend("auto", cpu) == "reference"  # spconv's CPU build is no faster and races
+    monkeypatch.setitem(sparse_conv._SPCONV_STATE, "cpu_only", False)  # as if a spconv-cuXXX wheel
     assert resolve_backend("auto", cuda) == "spconv"
     assert resolve_backend("reference", cuda) == "reference"
     assert resolve_backend("spconv", cpu) == "spconv"
@@ -312,6 +313,14 @@ def test_backend_selection(monkeypatch):
         assert resolve_backend("auto", cpu) == "reference"  # nothing to warn about on CPU
 
     monkeypatch.delenv(sparse_conv.DISABLE_SPCONV_ENV)
+    monkeypatch.setitem(sparse_conv._SPCONV_STATE, "cpu_only", True)  # the CPU wheel on a GPU machine
+    monkeypatch.setattr(sparse_conv, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="CPU-only build"):
+        assert resolve_backend("auto", cuda) == "reference"
+    with pytest.raises(RuntimeError, match="spconv-cuXXX"):
+        resolve_backend("spconv", cuda)
+    assert resolve_backend("spconv", cpu) == "spconv"
+
     monkeypatch.setattr(sparse_conv, "_SPCONV_STATE", {"module": None, "error": "ImportError: no spconv"})
     monkeypatch.setattr(sparse_conv, "_WARNED", set())
     with pytest.warns(RuntimeWarning, match="fall back to the pure-PyTorch reference"):

@@ -192,6 +192,7 @@ def load_spconv() -> Any | None:
     if "module" not in _SPCONV_STATE:
         try:
             import spconv.pytorch as spconv_pytorch
+            from spconv.cppconstants import CPU_ONLY_BUILD
             from spconv.pytorch import ops as spconv_ops
             from spconv.pytorch.conv import SparseConvolutionBase  # noqa: F401  (needs spconv >= 2.3)
         except Exception as err:  # noqa: BLE001  (a broken CUDA wheel raises more than ImportError)
@@ -200,6 +201,7 @@ def load_spconv() -> Any | None:
         else:
             _install_cpu_stream_workaround(spconv_ops)
             _SPCONV_STATE["module"] = spconv_pytorch
+            _SPCONV_STATE["cpu_only"] = bool(CPU_ONLY_BUILD)
     return _SPCONV_STATE["module"]
 
 
@@ -236,21 +238,28 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "pure-PyTorch reference backend, which is much slower on GPU.",
             )
         return "reference"
+    if backend == "auto" and device.type != "cuda":
+        return "reference"  # spconv's CPU build is no faster and races with >1 thread
+    module = load_spconv()
+    cpu_build_on_cuda = module is not None and device.type == "cuda" and _SPCONV_STATE["cpu_only"]
     if backend == "spconv":
-        if load_spconv() is None:
+        if module is None:
             raise ImportError(
                 "sparse_backend='spconv' but spconv 2.x does not import "
                 f"({_SPCONV_STATE['error']}); install the spconv-cuXXX wheel matching your CUDA, "
                 "or use sparse_backend='auto' / 'reference'"
             )
+        if cpu_build_on_cuda:
+            raise RuntimeError(
+                "sparse_backend='spconv' on CUDA tensors, but the installed spconv is its CPU-only build; "
+                "install the spconv-cuXXX wheel matching your CUDA (pip uninstall spconv first)"
+            )
         return "spconv"
-    if device.type != "cuda":
-        return "reference"
-    if load_spconv() is None:
+    if module is None or cpu_build_on_cuda:
+        reason = _SPCONV_STATE.get("error") or "the installed spconv is its CPU-only build"
         _warn_once(
             "missing",
-            "spotocc: spconv is not importable "
-            f"({_SPCONV_STATE['error']}); sparse convolutions on CUDA fall back to the pure-PyTorch "
+            f"spotocc: no CUDA spconv ({reason}); sparse convolutions on CUDA fall back to the pure-PyTorch "
             "reference backend, which is much slower. Install the spconv-cuXXX wheel matching your CUDA.",
         )
         return "reference"
