@@ -283,7 +283,7 @@ class _Rulebook:
     out_shape: Int3
     num_inputs: int
     offsets: Tensor  # [K'] int64, flat positions in the kx, ky, kz kernel (kz fastest)
-    neighbours: Tensor  # [M, K'] int64, N = missing
+    neighbours: Tensor  # [M, K'] int32, N = missing
     num_pairs: int
     _inverse: Tensor | None = None
     _pairs: list[tuple[Tensor, Tensor]] | None = None
@@ -301,16 +301,17 @@ class _Rulebook:
         return self.num_pairs / slots if slots else 1.0
 
     def inverse(self) -> Tensor:
-        """[N, K'] int64: the output row each input feeds through each offset, M = none."""
+        """[N, K'] int32: the output row each input feeds through each offset, M = none."""
         if self._inverse is None:
             num_out, num_offsets = self.neighbours.shape
-            inv = torch.full(
-                (self.num_inputs + 1, num_offsets), num_out, dtype=torch.long, device=self.neighbours.device
-            )
+            device = self.neighbours.device
+            inv = torch.full((self.num_inputs + 1, num_offsets), num_out, dtype=torch.int32, device=device)
             out_rows = (
-                torch.arange(num_out, device=self.neighbours.device).unsqueeze(1).expand_as(self.neighbours)
+                torch.arange(num_out, dtype=torch.int32, device=device)
+                .unsqueeze(1)
+                .expand_as(self.neighbours)
             )
-            cols = torch.arange(num_offsets, device=self.neighbours.device).expand_as(self.neighbours)
+            cols = torch.arange(num_offsets, device=device).expand_as(self.neighbours)
             # missing entries (N) all land in the extra row N, dropped below
             inv[self.neighbours, cols] = out_rows
             self._inverse = inv[: self.num_inputs]
@@ -421,9 +422,11 @@ def _build_rulebook(x: SparseTensor, kernel: Int3, stride: Int3, padding: Int3, 
     if kind == "transposed":
         # input = (o + p - k) / s where divisible and inside the grid
         lookup = torch.full(
-            (x.batch_size * math.prod(in_shape) + 1,), num_in, dtype=torch.long, device=device
+            (x.batch_size * math.prod(in_shape) + 1,), num_in, dtype=torch.int32, device=device
         )
-        lookup[_linear_keys(idx[:, 1:], in_shape, idx[:, 0])] = torch.arange(num_in, device=device)
+        lookup[_linear_keys(idx[:, 1:], in_shape, idx[:, 0])] = torch.arange(
+            num_in, dtype=torch.int32, device=device
+        )
         stride_t, pad_t = torch.tensor(stride, device=device), torch.tensor(padding, device=device)
         in_size = torch.tensor(in_shape, device=device)
         columns = []
@@ -437,9 +440,11 @@ def _build_rulebook(x: SparseTensor, kernel: Int3, stride: Int3, padding: Int3, 
         # input = s * o - p + k lies in [-p, n + p - 1]: a lookup grid padded by p on each side (filled
         # with "missing") turns every offset into one constant shift of the linear key, no bounds checks
         padded = tuple(n + 2 * p for n, p in zip(in_shape, padding))
-        lookup = torch.full((x.batch_size * math.prod(padded),), num_in, dtype=torch.long, device=device)
+        lookup = torch.full((x.batch_size * math.prod(padded),), num_in, dtype=torch.int32, device=device)
         pad_t = torch.tensor(padding, device=device)
-        lookup[_linear_keys(idx[:, 1:] + pad_t, padded, idx[:, 0])] = torch.arange(num_in, device=device)
+        lookup[_linear_keys(idx[:, 1:] + pad_t, padded, idx[:, 0])] = torch.arange(
+            num_in, dtype=torch.int32, device=device
+        )
         base = _linear_keys(
             out_idx[:, 1:] * torch.tensor(stride, device=device), padded, out_idx[:, 0]
         )  # [M]
@@ -485,8 +490,9 @@ class _ReferenceConvFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, features: Tensor, weight_kio: Tensor, rulebook: _Rulebook) -> Tensor:
-        # features: [N, C_in]; weight_kio: [K', C_in, C_out]
+    def forward(ctx, features: Tensor, weight: Tensor, rulebook: _Rulebook) -> Tensor:
+        # features: [N, C_in]; weight: [C_out, kx, ky, kz, C_in] (saved as is: no per-conv copy kept)
+        weight_kio = _offset_major(weight, rulebook)  # [K', C_in, C_out]
         num_offsets, c_in, c_out = weight_kio.shape
         num_out = rulebook.neighbours.shape[0]
         if rulebook.fill_out >= _MIN_GATHER_FILL:
@@ -496,15 +502,16 @@ class _ReferenceConvFunction(torch.autograd.Function):
             out = features.new_zeros(num_out, c_out)
             for k, (in_rows, out_rows) in enumerate(rulebook.pairs()):
                 out.index_add_(0, out_rows, features.index_select(0, in_rows) @ weight_kio[k])
-        ctx.save_for_backward(features, weight_kio)
+        ctx.save_for_backward(features, weight)
         ctx.rulebook = rulebook
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        features, weight_kio = ctx.saved_tensors
+        features, weight = ctx.saved_tensors
         rulebook: _Rulebook = ctx.rulebook
+        weight_kio = _offset_major(weight, rulebook)
         num_offsets, c_in, c_out = weight_kio.shape
         grad_out = grad_out.contiguous()
         grad_features = grad_weight = None
@@ -534,7 +541,17 @@ class _ReferenceConvFunction(torch.autograd.Function):
                         grad_out.index_select(0, out_rows),
                         out=grad_weight[k],
                     )
+            # back to [C_out, kx, ky, kz, C_in]; offsets without pairs get zero
+            full = weight.new_zeros(c_out, weight[0].numel() // c_in, c_in)
+            full[:, rulebook.offsets] = grad_weight.permute(2, 0, 1)
+            grad_weight = full.view(weight.shape)
         return grad_features, grad_weight, None
+
+
+def _offset_major(weight: Tensor, rulebook: _Rulebook) -> Tensor:
+    """[C_out, kx, ky, kz, C_in] -> [K', C_in, C_out] for the rulebook's kept offsets (a copy)."""
+    c_out, c_in = weight.shape[0], weight.shape[-1]
+    return weight.reshape(c_out, -1, c_in)[:, rulebook.offsets].permute(1, 2, 0).contiguous()
 
 
 def _reference_conv(
@@ -545,10 +562,7 @@ def _reference_conv(
     if rulebook is None:
         rulebook = _build_rulebook(x, kernel, stride, padding, kind)
         x._cache.rulebooks[key] = rulebook
-    c_out, c_in = weight.shape[0], weight.shape[-1]
-    features = x.features
-    weight_kio = weight.to(features.dtype).reshape(c_out, -1, c_in)[:, rulebook.offsets].permute(1, 2, 0)
-    out = _ReferenceConvFunction.apply(features, weight_kio.contiguous(), rulebook)
+    out = _ReferenceConvFunction.apply(x.features, weight.to(x.features.dtype), rulebook)
     cache = x._cache if kind == "subm" else None
     return SparseTensor(out, rulebook.out_indices, rulebook.out_shape, x.batch_size, _cache=cache)
 
