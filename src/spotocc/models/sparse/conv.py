@@ -31,7 +31,9 @@ spconv 1x1 quirk, reproduced in both backends: when the kernel volume is 1 (subm
 with stride 1) spconv computes ``features @ W.view(in, out)``: it reinterprets the contiguous
 ``[out, 1, 1, 1, in]`` buffer as an ``[in, out]`` matrix instead of transposing it (spconv issue
 #450). Released checkpoints were trained with this, so a loaded 1x1 weight means the same thing in
-both backends here; the equivalent ``nn.Linear`` weight is ``W.reshape(in, out).T``.
+both backends here; the equivalent ``nn.Linear`` weight is ``W.reshape(in, out).T``. 1x1 convs never
+reach spconv: both backends run the same ``features @ W.reshape(in, out)`` (tested equal to spconv's
+own result), so their meaning cannot change with the installed spconv version.
 """
 
 from __future__ import annotations
