@@ -158,6 +158,7 @@ class HeadConfig:
     topk_ratio: float = 0.6
     softmax_over_batch_bug: bool = False  # released nuScenes head's softmax over dim 0
     coarse_loss_weight: float = 1.0
+    coarse_norm_groups: int = 32  # GroupNorm groups in occ_pred_conv (released: 32)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Preset `synthetic_tiny`: a small SPOT-Occ that trains on synthetic scenes on a CPU in minutes.
 
 Same architecture as the paper presets with every width and size scaled down: one front camera at
-96x320, a 64x64x16 output grid (LSS grid 32x32x8), ResNet-18, 32-wide head with 3 decoder layers.
+96x320, a 64x64x16 output grid (LSS grid 32x32x8), ResNet-18, 48-wide head with 3 decoder layers.
 Data: synthetic scenes in the SemanticKITTI layout (``spotocc synth``), SemanticKITTI class ids.
 """
 
@@ -38,20 +38,21 @@ def config() -> Config:
             view_transformer=ViewTransformerConfig(in_channels=96, context_channels=16, camera_params=33),
             voxel_encoder=VoxelEncoderConfig(in_channels=16, num_layers=(1, 1, 1, 1)),
             voxel_neck=VoxelNeckConfig(
-                in_channels=(16, 32, 64, 128), feat_channels=32, out_channels=32, num_groups=8
+                in_channels=(16, 32, 64, 128), feat_channels=48, out_channels=48, num_groups=8
             ),
             head=HeadConfig(
                 type="spot",
                 num_classes=20,
                 class_frequencies=SEMANTIC_KITTI_FREQUENCIES,
-                embed_dims=32,
-                num_heads=2,
+                embed_dims=48,
+                num_heads=3,
                 num_queries=20,
                 num_layers=3,
-                ffn_dims=128,
+                ffn_dims=192,
                 pruning_ratio=0.1,
                 min_k=8,
                 num_points=4096,
+                coarse_norm_groups=8,  # for head.type=sparseocc
             ),
         ),
         data=DataConfig(

@@ -321,6 +321,7 @@ def load_model_from_checkpoint(
             f"{loaded.path} carries no config; pass the preset or config it was trained with (--config)"
         )
     apply_overrides(cfg, overrides)
+    cfg.model.image_backbone.weights = None  # every weight comes from the checkpoint
     model = (model_factory or default_model_factory)(cfg)
     missing, unexpected = model.load_state_dict(loaded.model_state, strict=False)
     if missing or unexpected:

@@ -1,5 +1,6 @@
 """Occupancy models: image backbone, LSS view transformer, sparse voxel encoder and neck, heads."""
 
 from spotocc.models.heads.spot import SpotCrossAttention
+from spotocc.models.occupancy import OccupancyModel, build_model
 
-__all__ = ["SpotCrossAttention"]
+__all__ = ["OccupancyModel", "SpotCrossAttention", "build_model"]

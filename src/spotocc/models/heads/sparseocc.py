@@ -269,6 +269,7 @@ class SparseOccHead(nn.Module):
             softmax_over_batch_bug=head_cfg.softmax_over_batch_bug,
             class_frequencies=head_cfg.class_frequencies,
             coarse_loss_weight=head_cfg.coarse_loss_weight,
+            coarse_norm_groups=head_cfg.coarse_norm_groups,
             criterion=criterion,
         )
 
