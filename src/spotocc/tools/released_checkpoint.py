@@ -50,6 +50,7 @@ __all__ = [
     "is_released_checkpoint_path",
     "load_released_checkpoint",
     "numpy_safe_globals",
+    "preset_hint",
     "read_released_checkpoint",
 ]
 
@@ -114,10 +115,14 @@ class ReleasedLoadReport:
 # reading
 
 
+RELEASED_SUFFIXES = (".pth", ".pt")
+
+
 def is_released_checkpoint_path(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a torch pickle file (a released ``.pth``), not a spotocc checkpoint."""
+    """Whether ``path`` is a torch pickle file (``.pth`` / ``.pt``, e.g. a released checkpoint), not a
+    spotocc checkpoint directory or ``.safetensors`` file."""
     p = Path(path)
-    return p.is_file() and p.suffix != ".safetensors"
+    return p.is_file() and p.suffix in RELEASED_SUFFIXES
 
 
 def numpy_safe_globals() -> list[Any]:
