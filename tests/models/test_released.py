@@ -293,6 +293,15 @@ def test_integer_tensor_for_a_float_parameter_is_an_error():
     assert "pts_bbox_head.query_feat.weight: torch.int64" in error_of(released)
 
 
+def test_non_tensor_entries_are_errors():
+    released = rl.released_state_dict("spotocc_nusc_256", seed=None)
+    released["img_view_transformer.frustum"] = [1.0, 2.0]
+    released["pts_bbox_head.level_embed.weight"] = "weights"
+    message = error_of(released)
+    assert "img_view_transformer.frustum: a list, not a tensor" in message
+    assert "pts_bbox_head.level_embed.weight: a str, not a tensor" in message
+
+
 def test_a_checkpoint_of_another_run_names_the_run_it_looks_like():
     message = error_of(rl.released_state_dict("spotocc_kitti", seed=None), preset="spotocc_nusc_256")
     assert "they look like preset 'spotocc_kitti'" in message

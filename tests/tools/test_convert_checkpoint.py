@@ -20,7 +20,7 @@ from spotocc.config import get_config
 from spotocc.engine import eval_cli, predict_cli
 from spotocc.engine.checkpoint import CheckpointError, load_weights_file
 from spotocc.engine.evaluator import load_model_from_checkpoint
-from spotocc.tools.released_checkpoint import UnsafeCheckpointError
+from spotocc.tools.released_checkpoint import UnsafeCheckpointError, build_model_from_released
 
 
 def _load_layout():
@@ -123,6 +123,16 @@ def test_eval_and_predict_load_a_released_pth_with_config(release):
         state["img_bev_encoder_backbone.aggreBlock3.pool.weight"],
     )
     assert torch.equal(own["head.query_pos.weight"], state["pts_bbox_head.query_embed.weight"])
+    assert Counter(map(rl.fingerprint, own.values())) == Counter(map(rl.fingerprint, state.values()))
+
+
+def test_build_model_from_released(release):
+    path, state = release
+    model, report = build_model_from_released(get_config(PRESET), path, allow_numpy=True)
+    own = model.state_dict()
+    assert report.config_name == PRESET and report.ignored == ["optimizer"]
+    assert report.meta["epoch"] == 24
+    assert torch.equal(own["image_neck.deblocks.3.0.weight"], state["img_neck.deblocks.3.0.weight"])
     assert Counter(map(rl.fingerprint, own.values())) == Counter(map(rl.fingerprint, state.values()))
 
 

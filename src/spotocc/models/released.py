@@ -239,8 +239,8 @@ def _check_geometry(
     problems: list[str] = []
     for source, target in names.items():
         buffer = _geometry_buffer(target)
-        if buffer is None:
-            continue
+        if buffer is None or not isinstance(released[source], torch.Tensor):
+            continue  # not geometry, or already reported as not a tensor
         theirs, ours = released[source].float(), geometry[buffer].float()
         if theirs.shape != ours.shape:
             hint = ""

@@ -17,6 +17,7 @@ The weights are then mapped onto spotocc's names by :mod:`spotocc.models.release
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -338,8 +339,9 @@ def convert_released_checkpoint(
         "released_sha256": _sha256(ckpt.path),
         "released_meta": json.dumps(report.meta),
     }
-    cfg.model.image_backbone.weights = None  # every weight is in the file
-    save_weights_file(out, conversion.state, config=cfg.to_dict(), metadata=metadata)
+    embedded = copy.deepcopy(cfg)
+    embedded.model.image_backbone.weights = None  # every weight is in the file
+    save_weights_file(out, conversion.state, config=embedded.to_dict(), metadata=metadata)
     return report
 
 
