@@ -20,13 +20,15 @@ from pathlib import Path
 from spotocc.config import Config, apply_overrides, get_config
 from spotocc.engine.atomic import write_text_atomic
 from spotocc.engine.evaluator import DatasetFactory, ModelFactory
+from spotocc.tools.convert_checkpoint import add_pickle_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoint",
         metavar="CHECKPOINT",
-        help="checkpoint dir, .safetensors, or work dir; with --predictions also a preset or config .json",
+        help="checkpoint dir, .safetensors, work dir or released .pth (with --config); with --predictions "
+        "also a preset or config .json",
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides (data paths, ...)"
@@ -39,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--save-predictions", metavar="DIR", help="also write the model's predictions here")
     parser.add_argument("--config", help="preset / config for a weights file without an embedded config")
+    add_pickle_arguments(parser)  # for a released .pth given with --config
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     parser.add_argument("--batch-size", type=int, help="samples per process (eval.batch_size)")
@@ -76,6 +79,8 @@ def main(
                 config=args.config,
                 device=info.device,
                 model_factory=model_factory,
+                allow_numpy_pickle=args.allow_numpy_pickle,
+                allow_unsafe_pickle=args.allow_unsafe_pickle,
             )
         apply_data_arguments(cfg, args)
         split = args.split or cfg.data.val_split

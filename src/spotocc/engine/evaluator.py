@@ -302,15 +302,30 @@ def load_model_from_checkpoint(
     config: str | None = None,
     device: torch.device | str = "cpu",
     model_factory: ModelFactory | None = None,
+    allow_numpy_pickle: bool = False,
+    allow_unsafe_pickle: bool = False,
 ) -> tuple[nn.Module, Config]:
     """Rebuild the model from the checkpoint's embedded config (plus ``overrides``) and load its weights.
 
     ``config`` (a preset name or a ``.json``) is needed only for weights files without an embedded
-    config. Returns the model in eval mode on ``device`` and the resolved config.
+    config, e.g. a released ``.pth`` (read safely and mapped strictly by
+    :mod:`spotocc.tools.released_checkpoint`; the two ``allow_*`` flags are its opt-ins). Returns the
+    model in eval mode on ``device`` and the resolved config.
     """
     from spotocc.config import apply_overrides, get_config
     from spotocc.engine.checkpoint import CheckpointError, load_checkpoint
+    from spotocc.tools.released_checkpoint import is_released_checkpoint_path
 
+    if is_released_checkpoint_path(checkpoint):
+        return _load_released(
+            checkpoint,
+            overrides=overrides,
+            config=config,
+            device=device,
+            model_factory=model_factory,
+            allow_numpy_pickle=allow_numpy_pickle,
+            allow_unsafe_pickle=allow_unsafe_pickle,
+        )
     loaded = load_checkpoint(checkpoint, with_training_state=False)
     if config is not None:
         cfg = get_config(config)
@@ -329,5 +344,42 @@ def load_model_from_checkpoint(
             f"{loaded.path} does not fit the {cfg.name!r} model: missing {len(missing)} keys "
             f"(e.g. {missing[:3]}), unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})"
         )
+    model.to(device).eval()
+    return model, cfg
+
+
+def _load_released(
+    checkpoint: str | os.PathLike,
+    *,
+    overrides: Sequence[str],
+    config: str | None,
+    device: torch.device | str,
+    model_factory: ModelFactory | None,
+    allow_numpy_pickle: bool,
+    allow_unsafe_pickle: bool,
+) -> tuple[nn.Module, Config]:
+    """A released mmcv-era ``.pth`` with ``--config PRESET`` -> model and config."""
+    from spotocc.config import get_config
+    from spotocc.engine.checkpoint import CheckpointError
+    from spotocc.tools.released_checkpoint import load_released_checkpoint, preset_hint
+
+    if config is None:
+        guess = preset_hint(
+            checkpoint, allow_numpy=allow_numpy_pickle, allow_unsafe_pickle=allow_unsafe_pickle
+        )
+        raise CheckpointError(
+            f"{checkpoint} is a released .pth without a spotocc config; pass the preset it belongs to "
+            f"with --config" + (f" (it looks like {guess})" if guess else "")
+        )
+    cfg = get_config(config, overrides)
+    cfg.model.image_backbone.weights = None  # every weight comes from the checkpoint
+    model = (model_factory or default_model_factory)(cfg)
+    load_released_checkpoint(
+        model,
+        checkpoint,
+        config_name=cfg.name,
+        allow_numpy=allow_numpy_pickle,
+        allow_unsafe_pickle=allow_unsafe_pickle,
+    )
     model.to(device).eval()
     return model, cfg

@@ -17,10 +17,15 @@ import argparse
 from pathlib import Path
 
 from spotocc.engine.evaluator import DatasetFactory, ModelFactory
+from spotocc.tools.convert_checkpoint import add_pickle_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint dir, .safetensors, or work dir")
+    parser.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="checkpoint dir, .safetensors, work dir, or released .pth (with --config)",
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides (data paths, ...)"
     )
@@ -30,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder for <sample_id>.npz files")
     parser.add_argument("--split", help="split under a dataset root (default: the config's data.val_split)")
     parser.add_argument("--config", help="preset / config for a weights file without an embedded config")
+    add_pickle_arguments(parser)  # for a released .pth given with --config
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     parser.add_argument("--batch-size", type=int, help="samples per process (eval.batch_size)")
@@ -56,6 +62,8 @@ def main(
             config=args.config,
             device=info.device,
             model_factory=model_factory,
+            allow_numpy_pickle=args.allow_numpy_pickle,
+            allow_unsafe_pickle=args.allow_unsafe_pickle,
         )
         if Path(args.input).is_dir():
             args.data = args.input
