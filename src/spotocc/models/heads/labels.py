@@ -7,22 +7,25 @@ The released inference (spec 03 section 2.5, spec 04 section 3.1) labels every o
 where ``p`` are the per-query class probabilities without the no-object column, ``L_q`` a query's
 mask logits on the finest feature grid and ``up`` trilinear upsampling with ``align_corners=True``.
 Evaluated literally this needs the [Q, X', Y', Z'] volume (4 GB for nuScenes) and costs more than the
-rest of the model. ``occupancy_labels`` returns the same labels while evaluating almost nothing at
-full resolution:
+rest of the model. ``occupancy_labels(method="bounded")`` returns the same labels and evaluates the
+formula only near class boundaries. Each output voxel belongs to one low-resolution cell
+[floor(x_src), floor(x_src) + 1] per axis (x_src = x_out * (in - 1) / (out - 1)), and inside a cell
+trilinear interpolation is a convex combination of the cell's 8 corner logits:
 
-- Trilinear interpolation inside a low-resolution cell is a convex combination of the cell's 8 corner
-  logits, so every query's logit in the cell lies between the corners' min and max; sigmoid is
-  monotone and ``p >= 0``, so every class score lies in an interval. Cells whose best class's lower
-  bound beats every other class's upper bound (by a float-error margin) are labelled whole.
-- The remaining cells get tighter bounds: only the sub-box spanned by the output voxels that fall in
-  the cell counts (for 128 -> 512 that is 3/4 of the cell per axis), and classes are compared pairwise
-  (queries that favour both classes equally cancel).
-- In cells still undecided, only the few queries whose sigmoid varies in the cell and that separate
-  the contending classes are evaluated per voxel; the others stay bounded. Voxels whose pairwise
-  bound is still inconclusive are evaluated exactly with every query and class (a gather of their
-  8 corner rows, never a whole upsampled volume).
+1. Every cell: each query's logit lies between its corners' min and max; sigmoid is monotone and
+   ``p >= 0``, so every class score lies in an interval. A cell whose best lower bound beats every
+   other class's upper bound by a float-error margin is labelled whole.
+2. Undecided cells: tighter bounds over the box spanned by the cell's output voxels only (3/4 of the
+   cell per axis for 128 -> 512), and the class with the best lower bound ("lead") is compared with
+   each other class pairwise, ``sum_q (p_qa - p_qc) s_q``, so queries weighing both alike cancel.
+   Classes the lead provably beats drop out; if none is left the cell is labelled whole.
+3. Still undecided: per voxel, only the few queries whose sigmoid varies in the cell and that
+   separate the remaining classes are evaluated exactly; the others stay bounded pairwise. Voxels
+   this cannot decide (within the bounds' width of a tie) get the formula with every query, from a
+   gather of their 8 corner rows.
 
-Everything is vectorised over chunks whose largest intermediate is bounded by ``chunk_bytes``.
+Voxels are evaluated in dense batches of cells with equal voxel counts per axis (no per-voxel Python
+and no per-cell loops), and every chunked intermediate stays under ``chunk_bytes``.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def occupancy_labels(
     out_size: tuple[int, int, int],
     method: str = "bounded",
     *,
-    chunk_bytes: int = 32 * 2**20,
+    chunk_bytes: int | None = None,
     num_contenders: int = 6,
     num_exact_queries: int = 8,
     margin: float | None = None,
@@ -72,20 +75,28 @@ def occupancy_labels(
         out_size: (X', Y', Z') output grid; upsampling is trilinear with ``align_corners=True``.
         method: ``"bounded"`` (exact, fast) or ``"direct"`` (the formula evaluated voxel by voxel in
             chunks; the reference).
-        chunk_bytes: bound on the size of the largest chunked intermediate tensor.
+        chunk_bytes: bound on the size of the largest chunked intermediate tensor (default 32 MiB on
+            CPU, where small chunks stay in cache, and 256 MiB on other devices).
         num_contenders: classes compared per ambiguous cell ("bounded" only); a cell where more
             classes can still win is evaluated exactly.
         num_exact_queries: queries evaluated per voxel in ambiguous cells ("bounded" only); the others
             stay bounded, and voxels where that is not enough are evaluated with all queries.
         margin: certify a label only if its score provably beats the others' by more than this; by
             default a bound on the float32 rounding error of the scores.
-        stats: if given, filled with counts of cells and voxels per stage ("bounded" only).
+        stats: if given, cleared and filled ("bounded" only) with counts summed over the batch:
+            ``cells``, ``cells_certified_coarse`` (stage 1), ``cells_certified_refined`` (stage 2),
+            ``cells_exact`` (more than ``num_contenders`` classes in contention), ``voxels``,
+            ``voxels_refined`` (stage 3) and ``voxels_exact`` (evaluated with every query).
 
     Returns:
         int64 labels [B, X', Y', Z']; ties go to the lowest class index, as ``torch.argmax``. Inputs
         of any float dtype are computed in float32.
     """
+    if chunk_bytes is None:
+        chunk_bytes = 32 * 2**20 if mask_logits.device.type == "cpu" else 256 * 2**20
     probs, logits, out_size = _checked_inputs(class_probs, mask_logits, out_size, method, chunk_bytes)
+    if margin is not None and not margin >= 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
     if num_contenders < 2 or num_exact_queries < 1:
         raise ValueError(
             f"num_contenders must be >= 2 and num_exact_queries >= 1, "
@@ -445,14 +456,13 @@ class _BoundedSolver:
         A trilinear function takes its extremes over a box at the box's corners; the box spanned by
         the output voxels is often much smaller than the cell (3/4 of it per axis for 128 -> 512).
         """
-        values = corners  # [n, 2, 2, 2, Q]
-        for axis, (m, c) in enumerate(zip(self.maps, self._unravel_cells(cells))):
-            dim = 1 + axis
-            shape = [-1, 1, 1, 1, 1]
-            shape[dim] = 2
-            ends = torch.stack((m.lam_lo[c], m.lam_hi[c]), dim=1).view(shape)  # the box's two ends
-            values = torch.lerp(values.narrow(dim, 0, 1), values.narrow(dim, 1, 1), ends)  # [n, 2, 2, 2, Q]
-        values = values.flatten(1, 3)  # [n, 8, Q]
+        n = cells.numel()
+        ends = []
+        for m, c in zip(self.maps, self._unravel_cells(cells)):
+            lam = torch.stack((m.lam_lo[c], m.lam_hi[c]), dim=1)  # [n, 2]: the box's two ends
+            ends.append(torch.stack((1 - lam, lam), dim=2))  # [n, 2 (box end), 2 (cell corner)]
+        weights = torch.einsum("nai,nbj,nck->nabcijk", *ends).reshape(n, 8, 8)  # box corner <- cell corner
+        values = torch.bmm(weights, corners.view(n, 8, -1))  # [n, 8, Q]
         return torch.sigmoid(values.amin(dim=1)), torch.sigmoid(values.amax(dim=1))
 
     # ---- stage 3: per voxel, a few queries exactly and the rest bounded -----------------------------
