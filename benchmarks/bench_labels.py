@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     if "voxels_refined_frac" in result:
         print(
             f"  bounded: cells undecided by corner bounds {100 * result['cells_undecided_frac']:.2f}%, "
-            f"certified by refined bounds {100 * result['cells_refined_certified_frac']:.2f}%; voxels evaluated "
-            f"with a few queries {100 * result['voxels_refined_frac']:.2f}%, "
+            f"certified by refined bounds {100 * result['cells_refined_certified_frac']:.2f}%; voxels "
+            f"evaluated with a few queries {100 * result['voxels_refined_frac']:.2f}%, "
             f"with all queries {100 * result['voxels_exact_frac']:.3f}%"
         )
     return 0

@@ -31,10 +31,9 @@ and no per-cell loops), and every chunked intermediate stays under ``chunk_bytes
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 
 METHODS = ("bounded", "direct")
 _FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
@@ -62,7 +61,7 @@ def occupancy_labels(
     method: str = "bounded",
     *,
     chunk_bytes: int | None = None,
-    num_contenders: int = 6,
+    num_contenders: int = 4,
     num_exact_queries: int = 8,
     margin: float | None = None,
     stats: dict | None = None,
@@ -75,7 +74,7 @@ def occupancy_labels(
         out_size: (X', Y', Z') output grid; upsampling is trilinear with ``align_corners=True``.
         method: ``"bounded"`` (exact, fast) or ``"direct"`` (the formula evaluated voxel by voxel in
             chunks; the reference).
-        chunk_bytes: bound on the size of the largest chunked intermediate tensor (default 32 MiB on
+        chunk_bytes: bound on the size of the largest chunked intermediate tensor (default 16 MiB on
             CPU, where small chunks stay in cache, and 256 MiB on other devices).
         num_contenders: classes compared per ambiguous cell ("bounded" only); a cell where more
             classes can still win is evaluated exactly.
@@ -93,7 +92,7 @@ def occupancy_labels(
         of any float dtype are computed in float32.
     """
     if chunk_bytes is None:
-        chunk_bytes = 32 * 2**20 if mask_logits.device.type == "cpu" else 256 * 2**20
+        chunk_bytes = 16 * 2**20 if mask_logits.device.type == "cpu" else 256 * 2**20
     probs, logits, out_size = _checked_inputs(class_probs, mask_logits, out_size, method, chunk_bytes)
     if margin is not None and not margin >= 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
@@ -321,6 +320,22 @@ class _Block:
         return v.view(n, -1, v.shape[-1])
 
 
+@dataclass(frozen=True)
+class _CellSummary:
+    """What the per-voxel stage needs of a cell: a few queries' corners and weights, a bound on the rest."""
+
+    cells: torch.Tensor  # [n] flat cell ids
+    contenders: torch.Tensor  # [n, k] classes that may win
+    chosen_corners: torch.Tensor  # [n, 2, 2, 2, ks] corner logits of the queries evaluated exactly
+    weights: torch.Tensor  # [n, ks, k] their class probabilities ([n, ks, 1]: p_0 - p_1 when k == 2)
+    rest_bound: torch.Tensor  # [n, k, k] lower bound of the other queries' part of score_a - score_b
+
+    @staticmethod
+    def concatenate(parts: list[_CellSummary]) -> _CellSummary:
+        names = [f.name for f in fields(_CellSummary)]
+        return _CellSummary(**{name: torch.cat([getattr(part, name) for part in parts]) for name in names})
+
+
 class _BoundedSolver:
     """Labels of one sample by interval bounds per cell, refined only where the bounds cannot decide."""
 
@@ -355,7 +370,15 @@ class _BoundedSolver:
         self.exact_step = max(1, chunk_bytes // (4 * (10 * self.num_queries + 2 * self.num_classes)))
         self.exact_queue: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.exact_queued = 0
-        self.abs_diff = (p.t().unsqueeze(2) - p.unsqueeze(0)).abs_()  # [C, Q, C]: |p_qa - p_qc| for lead a
+        self.voxel_queue: dict[int, list[_CellSummary]] = {}  # per number of contenders
+        self.voxels_queued: dict[int, int] = {}
+        mx, my, mz = maps
+        counts = (mx.count.view(-1, 1, 1), my.count.view(1, -1, 1), mz.count.view(1, 1, -1))
+        self.voxels_per_cell = (counts[0] * counts[1] * counts[2]).view(-1)  # [cells]
+        self.shape_key_per_cell = (
+            (counts[0] * (my.out_size + 1) + counts[1]) * (mz.out_size + 1) + counts[2]
+        ).view(-1)  # [cells]: equal for equal voxel counts per axis
+        self.num_rivals = min(num_contenders, self.num_classes - 1)  # compared pairwise with the lead
         self.stats = {
             "cells": 0,
             "cells_certified_coarse": 0,
@@ -371,16 +394,22 @@ class _BoundedSolver:
         self._fill_from_cells(cell_labels)
         undecided = (cell_labels.view(-1) < 0).nonzero().squeeze(1)  # flat cell ids
         undecided = undecided[self._cell_voxel_counts(undecided) > 0]  # cells without outputs need nothing
+        # cells with equal voxel counts per axis next to each other: fewer, larger blocks later
+        undecided = undecided[torch.sort(self._shape_key(undecided), stable=True).indices]
         self.stats["cells"] = cell_labels.numel()
         self.stats["cells_certified_coarse"] = cell_labels.numel() - int((cell_labels < 0).sum())
         if undecided.numel() == 0:
             return
         # One row of Q logits per low-res voxel: a cell's corners for every query are 8 row gathers.
-        self.rows = self.logits.permute(1, 2, 3, 0).contiguous().view(-1, self.num_queries)  # [X*Y*Z, Q]
-        per_cell = 4 * (self.num_queries * 24 + self.num_classes * 4)  # corners, sub-box corners, bounds
+        # (a 2-D transpose: torch copies those blockwise, twice as fast as the 4-D permute)
+        self.rows = self.logits.reshape(self.num_queries, -1).t().contiguous()  # [X*Y*Z, Q]
+        # corners, box corners, sigmoid bounds, rival weights
+        per_cell = 4 * (self.num_queries * (24 + 2 * self.num_rivals) + self.num_classes * 4)
         step = max(1, self.chunk_bytes // per_cell)
         for start in range(0, undecided.numel(), step):
             self._refine_cells(undecided[start : start + step])
+        for k in list(self.voxel_queue):
+            self._flush_voxel_queue(k)
         self._flush_exact_voxels()
 
     # ---- stage 1: every cell, interval bounds from its 8 corners ------------------------------------
@@ -405,47 +434,60 @@ class _BoundedSolver:
         return cell_labels
 
     def _fill_from_cells(self, cell_labels: torch.Tensor) -> None:
-        """Broadcast cell labels to their output voxels: output x-rows of one cell row are equal."""
+        """Broadcast cell labels to their output voxels: one (y, z) gather per cell row, then one
+        gather of whole output x-rows straight into the output."""
         mx, my, mz = self.maps
+        plane = my.out_size * mz.out_size
         by_yz = (my.cell.view(-1, 1) * mz.num_cells + mz.cell.view(1, -1)).view(-1)  # [Y' * Z']
+        out_rows = self.out.view(mx.out_size, plane)
         starts, counts = mx.start.tolist(), mx.count.tolist()
-        for cx in range(mx.num_cells):
-            if counts[cx]:
-                row = cell_labels[cx].view(-1).index_select(0, by_yz).view(1, my.out_size, mz.out_size)
-                self.out[starts[cx] : starts[cx] + counts[cx]] = row
+        step = max(1, self.chunk_bytes // (8 * plane))  # cell rows per gather
+        for c0 in range(0, mx.num_cells, step):
+            c1 = min(c0 + step, mx.num_cells)
+            x0, x1 = starts[c0], starts[c1 - 1] + counts[c1 - 1]
+            if x1 == x0:
+                continue
+            rows = cell_labels[c0:c1].reshape(c1 - c0, -1).index_select(1, by_yz)  # [cell rows, Y' * Z']
+            torch.index_select(rows, 0, mx.cell[x0:x1] - c0, out=out_rows[x0:x1])
 
     # ---- stage 2: undecided cells, tighter bounds and pairwise comparison ---------------------------
 
     def _refine_cells(self, cells: torch.Tensor) -> None:
         """Tighter bounds for a chunk of undecided cells; per-voxel work only where still needed."""
-        k = self.num_contenders
+        k, m = self.num_contenders, self.num_rivals
         corners = self._gather_corners(cells)  # [n, 2, 2, 2, Q]
         s_lo, s_hi = self._sub_box_sigmoid_bounds(cells, corners)  # [n, Q] each
+        score_lo = s_lo @ self.p  # [n, C]
+        lead = score_lo.argmax(dim=1, keepdim=True)  # [n, 1]: the class with the best lower bound
+        others_hi = (s_hi @ self.p).scatter_(1, lead, -math.inf)  # [n, C]
+        top_hi, rivals = others_hi.topk(min(m + 1, self.num_classes - 1), dim=1)  # by upper bound
+        rivals = rivals[:, :m]  # [n, m]
+        if top_hi.shape[1] > m:  # the classes after the m rivals must lose on interval bounds alone
+            beyond_ok = top_hi[:, m] < score_lo.gather(1, lead).squeeze(1) - self.margin
+        else:
+            beyond_ok = torch.ones_like(lead.squeeze(1), dtype=torch.bool)
+        # Lower bound of score_lead - score_rival: sum_q w_q mid_q - |w_q| half_q, w = p_lead - p_rival.
         mid, half = (s_lo + s_hi) * 0.5, (s_hi - s_lo) * 0.5
-        score_mid = mid @ self.p  # [n, C]
-        lead = (s_lo @ self.p).argmax(dim=1)  # [n]: the class with the best lower bound
-        # Lower bound of score_lead - score_c over the cell, for every class c.
-        beats = torch.empty_like(score_mid)
-        for cls in torch.unique(lead).tolist():
-            rows = (lead == cls).nonzero().squeeze(1)
-            gap = score_mid[rows, cls : cls + 1] - score_mid[rows]  # [m, C]
-            beats[rows] = gap - half[rows] @ self.abs_diff[cls]  # [m, Q] @ [Q, C]
-        beats.scatter_(1, lead.unsqueeze(1), math.inf)
-        alive = beats <= self.margin  # [n, C]: classes that might beat the lead somewhere
+        pt = self.p.t()  # [C, Q]
+        weight = pt[lead] - pt[rivals]  # [n, m, Q]
+        centre = torch.bmm(weight, mid.unsqueeze(2)).squeeze(2)  # [n, m]
+        spread = torch.bmm(weight.abs_(), half.unsqueeze(2)).squeeze(2)
+        alive = centre - spread <= self.margin  # [n, m]: rivals that might beat the lead somewhere
         num_alive = alive.sum(dim=1)
-        certified = num_alive == 0
-        self._write_cells(cells[certified], lead[certified])
+        certified = beyond_ok & (num_alive == 0)
+        self._write_cells(cells[certified], lead[certified].squeeze(1))
         self.stats["cells_certified_refined"] += int(certified.sum())
 
-        exact = num_alive >= k  # more than k classes may win: evaluate the cell exactly
+        exact = ~beyond_ok | (num_alive >= k)  # more than k classes may win: evaluate the cell exactly
         if bool(exact.any()):
             self.stats["cells_exact"] += int(exact.sum())
             self._exact_cells(cells[exact])
-        # The rest, grouped by how many classes contend: the lead first, then the classes alive.
-        rank = alive.float() + F.one_hot(lead, self.num_classes).float() * 2.0  # [n, C]
-        for count in torch.unique(num_alive[~certified & ~exact]).tolist():
-            group = (num_alive == count).nonzero().squeeze(1)
-            contenders = rank[group].topk(count + 1, dim=1).indices  # [m, count + 1]
+        # The rest, grouped by how many classes contend: the lead, then the rivals alive.
+        todo = ~certified & ~exact
+        ranked = rivals.gather(1, torch.sort(alive.byte(), dim=1, descending=True, stable=True).indices)
+        for count in torch.unique(num_alive[todo]).tolist():
+            group = (todo & (num_alive == count)).nonzero().squeeze(1)
+            contenders = torch.cat((lead[group], ranked[group, :count]), dim=1)  # [g, count + 1]
             self._refine_voxels(cells[group], corners[group], mid[group], half[group], contenders)
 
     def _sub_box_sigmoid_bounds(
@@ -481,21 +523,38 @@ class _BoundedSolver:
             cells: [n] flat cell ids; corners: their corner logits [n, 2, 2, 2, Q].
             mid, half: centre and half-width of each query's sigmoid range in the cell, [n, Q].
             contenders: [n, k] the classes that may win in each cell (all others provably lose).
+
+        Only a compact summary per cell is kept (the chosen queries' corners and weights, the bound on
+        the rest); it is queued per k and evaluated in large batches.
         """
         k = contenders.shape[1]
         step = max(1, self.chunk_bytes // (4 * self.num_queries * (k * k + 2 * k + 4)))  # pairwise terms
         for start in range(0, cells.numel(), step):
             part = slice(start, start + step)
-            self._refine_voxel_chunk(cells[part], corners[part], mid[part], half[part], contenders[part])
+            summary = self._summarise_cells(
+                cells[part], corners[part], mid[part], half[part], contenders[part]
+            )
+            queue = self.voxel_queue.setdefault(k, [])
+            queue.append(summary)
+            self.voxels_queued[k] = self.voxels_queued.get(k, 0) + int(
+                self._cell_voxel_counts(summary.cells).sum()
+            )
+            if self.voxels_queued[k] >= 4 * self.voxel_step(k):  # a few full blocks per shape group
+                self._flush_voxel_queue(k)
 
-    def _refine_voxel_chunk(
+    def voxel_step(self, k: int) -> int:
+        """Voxels per block of the per-voxel stage with k contenders."""
+        ks = self.num_exact_queries
+        return max(1, self.chunk_bytes // (4 * (3 * ks + 2 * k * k + 3 * k) + 32))
+
+    def _summarise_cells(
         self,
         cells: torch.Tensor,
         corners: torch.Tensor,
         mid: torch.Tensor,
         half: torch.Tensor,
         contenders: torch.Tensor,
-    ) -> None:
+    ) -> _CellSummary:
         n, k, ks = cells.numel(), contenders.shape[1], self.num_exact_queries
         p_k = self.p.t()[contenders]  # [n, k, Q]
         # A query matters if its sigmoid varies in the cell and the contenders weigh it differently.
@@ -503,31 +562,38 @@ class _BoundedSolver:
         chosen = importance.topk(ks, dim=1).indices  # [n, ks]
         rest = torch.ones_like(mid).scatter_(1, chosen, 0.0)
         rest_bound = _pairwise_lower_bound(p_k, mid * rest, half * rest)  # [n, k, k]
-        p_chosen = p_k.gather(2, chosen.unsqueeze(1).expand(n, k, ks)).transpose(1, 2)  # [n, ks, k]
-        corner_chosen = corners.gather(
-            4, chosen.view(n, 1, 1, 1, ks).expand(n, 2, 2, 2, ks)
-        )  # [n, 2, 2, 2, ks]
-
+        weights = p_k.gather(2, chosen.unsqueeze(1).expand(n, k, ks)).transpose(1, 2)  # [n, ks, k]
         if k == 2:  # the common case: one score difference per voxel
-            p_chosen = p_chosen[:, :, :1] - p_chosen[:, :, 1:]  # [n, ks, 1]
-        per_voxel = 4 * (3 * ks + 2 * k * k + 3 * k) + 32
-        for block in self._blocks(cells, per_voxel):
+            weights = weights[:, :, :1] - weights[:, :, 1:]  # [n, ks, 1]
+        chosen_corners = corners.gather(4, chosen.view(n, 1, 1, 1, ks).expand(n, 2, 2, 2, ks))
+        return _CellSummary(cells, contenders, chosen_corners, weights.contiguous(), rest_bound)
+
+    def _flush_voxel_queue(self, k: int) -> None:
+        queue = self.voxel_queue.pop(k, [])
+        self.voxels_queued[k] = 0
+        if not queue:
+            return
+        summary = _CellSummary.concatenate(queue)
+        for block in self._blocks(summary.cells, self.chunk_bytes // self.voxel_step(k)):
             pos = block.positions
-            sig = torch.sigmoid_(block.interpolate(corner_chosen[pos]))  # [b, V, ks]
-            scores = torch.bmm(sig, p_chosen[pos])  # [b, V, k], or [b, V, 1] = score_0 - score_1 if k == 2
-            bound = rest_bound[pos]  # [b, k, k]
+            sig = torch.sigmoid_(block.interpolate(summary.chosen_corners[pos]))  # [b, V, ks]
+            scores = torch.bmm(
+                sig, summary.weights[pos]
+            )  # [b, V, k], or [b, V, 1] = score_0 - score_1 if k == 2
+            bound = summary.rest_bound[pos]  # [b, k, k]
+            contenders = summary.contenders[pos]  # [b, k]
             if k == 2:
                 diff = scores.squeeze(2)  # [b, V]
                 first = diff > (self.margin - bound[:, 0, 1]).unsqueeze(1)
                 second = diff < (bound[:, 1, 0] - self.margin).unsqueeze(1)
                 decided = first | second
-                best = torch.where(first, contenders[pos, :1], contenders[pos, 1:])  # [b, V]
+                best = torch.where(first, contenders[:, :1], contenders[:, 1:])  # [b, V]
             else:
                 diff = scores.unsqueeze(3) - scores.unsqueeze(2) + bound.unsqueeze(1)  # [b, V, k, k]
                 winner_ok = diff.amin(dim=3) > self.margin  # [b, V, k]
                 decided = winner_ok.any(dim=2)  # [b, V]
-                best = contenders[pos].gather(1, winner_ok.byte().argmax(dim=2))  # [b, V]
-            # undecided voxels get a placeholder here and their exact label when the queue is flushed
+                best = contenders.gather(1, winner_ok.byte().argmax(dim=2))  # [b, V]
+            # undecided voxels get a placeholder here and their exact label when that queue is flushed
             self.out_flat[block.flat(self.out_size)] = best
             self.stats["voxels_refined"] += decided.numel()
             undecided = ~decided
@@ -577,9 +643,7 @@ class _BoundedSolver:
         return cells // (ny * nz), (cells // nz) % ny, cells % nz
 
     def _cell_voxel_counts(self, cells: torch.Tensor) -> torch.Tensor:
-        cx, cy, cz = self._unravel_cells(cells)
-        mx, my, mz = self.maps
-        return mx.count[cx] * my.count[cy] * mz.count[cz]
+        return self.voxels_per_cell[cells]
 
     def _gather_corners(self, cells: torch.Tensor) -> torch.Tensor:
         """Corner logits [n, 2, 2, 2, Q] (x, y, z lower/upper) of the given cells."""
@@ -592,6 +656,10 @@ class _BoundedSolver:
         rows = (ix[:, :, None, None] * ys + iy[:, None, :, None]) * zs + iz[:, None, None, :]  # [n, 2, 2, 2]
         return self.rows.index_select(0, rows.view(-1)).view(cells.numel(), 2, 2, 2, self.num_queries)
 
+    def _shape_key(self, cells: torch.Tensor) -> torch.Tensor:
+        """A key [n], equal for cells with equal voxel counts per axis."""
+        return self.shape_key_per_cell[cells]
+
     def _blocks(self, cells: torch.Tensor, bytes_per_voxel: int):
         """Yield ``_Block``s covering the voxels of the given cells, at most ``chunk_bytes /
         bytes_per_voxel`` voxels each (at least one output x-row of one cell).
@@ -602,7 +670,7 @@ class _BoundedSolver:
         mx, my, mz = self.maps
         cx, cy, cz = self._unravel_cells(cells)
         nx, ny, nz = mx.count[cx], my.count[cy], mz.count[cz]
-        key = (nx * (int(my.count.max()) + 1) + ny) * (int(mz.count.max()) + 1) + nz  # [n]
+        key = self._shape_key(cells)
         max_voxels = max(1, self.chunk_bytes // bytes_per_voxel)
         arange = torch.arange(max(m.out_size for m in self.maps), device=self.device)
         for value in torch.unique(key).tolist():
