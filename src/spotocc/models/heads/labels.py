@@ -280,6 +280,27 @@ def _direct_labels(
 # The bounded method.
 
 
+class _Workspace:
+    """Buffers reused across chunks for a call's largest temporaries.
+
+    A fresh multi-megabyte CPU allocation is usually handed back to the OS when freed, so every
+    chunk would page-fault its temporaries in again (a third of the bounded method's time here).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A buffer of ``shape``; the previous contents of ``name`` become invalid."""
+        numel = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            buffer = torch.empty(numel, dtype=dtype, device=self.device)
+            self.buffers[name] = buffer
+        return buffer[:numel].view(shape)
+
+
 @dataclass(frozen=True)
 class _Block:
     """Cells whose output voxels form equally shaped [nx, ny, nz] blocks, evaluated as one batch."""
@@ -299,25 +320,36 @@ class _Block:
         flat = (self.ox[:, :, None, None] * ys + self.oy[:, None, :, None]) * zs + self.oz[:, None, None, :]
         return flat.view(self.cells.numel(), -1)
 
-    def coords(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Output (x, y, z) indices, each [n, V]."""
-        n, nx, ny, nz = self.cells.numel(), self.ox.shape[1], self.oy.shape[1], self.oz.shape[1]
-        shape = (n, nx, ny, nz)
+    def coords(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Output (x, y, z) indices of the voxels where ``mask`` [n, V] is true."""
+        ny, nz = self.oy.shape[1], self.oz.shape[1]
+        cell, voxel = mask.nonzero().unbind(1)
         return (
-            self.ox[:, :, None, None].expand(shape).reshape(n, -1),
-            self.oy[:, None, :, None].expand(shape).reshape(n, -1),
-            self.oz[:, None, None, :].expand(shape).reshape(n, -1),
+            self.ox[cell, voxel // (ny * nz)],
+            self.oy[cell, (voxel // nz) % ny],
+            self.oz[cell, voxel % nz],
         )
 
-    def interpolate(self, corners: torch.Tensor) -> torch.Tensor:
+    def interpolate(self, corners: torch.Tensor, workspace: _Workspace) -> torch.Tensor:
         """Trilinear values [n, V, J] at the voxels from cell corner values [n, 2, 2, 2, J]."""
-        n = corners.shape[0]
+        n, j = corners.shape[0], corners.shape[-1]
+        nx, ny, nz = self.tx.shape[1], self.ty.shape[1], self.tz.shape[1]
         v = torch.lerp(
-            corners[:, :, :, :1], corners[:, :, :, 1:], self.tz.view(n, 1, 1, -1, 1)
-        )  # [n, 2, 2, nz, J]
-        v = torch.lerp(v[:, :, :1], v[:, :, 1:], self.ty.view(n, 1, -1, 1, 1))  # [n, 2, ny, nz, J]
-        v = torch.lerp(v[:, :1], v[:, 1:], self.tx.view(n, -1, 1, 1, 1))  # [n, nx, ny, nz, J]
-        return v.view(n, -1, v.shape[-1])
+            corners[:, :, :, :1],
+            corners[:, :, :, 1:],
+            self.tz.view(n, 1, 1, nz, 1),
+            out=workspace.get("lerp_z", (n, 2, 2, nz, j)),
+        )
+        v = torch.lerp(
+            v[:, :, :1],
+            v[:, :, 1:],
+            self.ty.view(n, 1, ny, 1, 1),
+            out=workspace.get("lerp_y", (n, 2, ny, nz, j)),
+        )
+        v = torch.lerp(
+            v[:, :1], v[:, 1:], self.tx.view(n, nx, 1, 1, 1), out=workspace.get("lerp_x", (n, nx, ny, nz, j))
+        )
+        return v.view(n, -1, j)
 
 
 @dataclass(frozen=True)
@@ -366,12 +398,16 @@ class _BoundedSolver:
         self.cells_shape = tuple(m.num_cells for m in maps)
         self.device = p.device
         self.rows = torch.empty(0)  # [X*Y*Z, Q] logits per low-res voxel, built when first needed
-        # voxels per batch of the all-query evaluation: [v, 8, Q] corners and [v, Q] logits
-        self.exact_step = max(1, chunk_bytes // (4 * (10 * self.num_queries + 2 * self.num_classes)))
+        self.workspace = _Workspace(p.device)
+        # Chunk sizes count the largest tensor of a step (the others are smaller or few).
+        # voxels per batch of the all-query evaluation: [v, 8, Q] corners
+        self.exact_step = max(1, chunk_bytes // (32 * self.num_queries))
         self.exact_queue: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.exact_queued = 0
         self.voxel_queue: dict[int, list[_CellSummary]] = {}  # per number of contenders
         self.voxels_queued: dict[int, int] = {}
+        self.cell_queue: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cells_queued = 0
         mx, my, mz = maps
         counts = (mx.count.view(-1, 1, 1), my.count.view(1, -1, 1), mz.count.view(1, 1, -1))
         self.voxels_per_cell = (counts[0] * counts[1] * counts[2]).view(-1)  # [cells]
@@ -403,13 +439,12 @@ class _BoundedSolver:
         # One row of Q logits per low-res voxel: a cell's corners for every query are 8 row gathers.
         # (a 2-D transpose: torch copies those blockwise, twice as fast as the 4-D permute)
         self.rows = self.logits.reshape(self.num_queries, -1).t().contiguous()  # [X*Y*Z, Q]
-        # corners, box corners, sigmoid bounds, rival weights
-        per_cell = 4 * (self.num_queries * (24 + 2 * self.num_rivals) + self.num_classes * 4)
-        step = max(1, self.chunk_bytes // per_cell)
+        step = max(1, self.chunk_bytes // (32 * self.num_queries))  # [n, 8, Q] corners per chunk
         for start in range(0, undecided.numel(), step):
             self._refine_cells(undecided[start : start + step])
         for k in list(self.voxel_queue):
             self._flush_voxel_queue(k)
+        self._flush_cell_labels()
         self._flush_exact_voxels()
 
     # ---- stage 1: every cell, interval bounds from its 8 corners ------------------------------------
@@ -424,11 +459,16 @@ class _BoundedSolver:
         pt = self.p.t()  # [C, Q]
         for x0 in range(0, mx.num_cells, rows):
             r = min(rows, mx.num_cells - x0)
-            lo, hi = _corner_pair(self.logits, 1, x0, r, mx.in_size)  # [Q, r, Y, Z]
-            lo, hi = _min_max_along(lo, hi, 2, my.in_size)  # [Q, r, ncy, Z]
-            lo, hi = _min_max_along(lo, hi, 3, mz.in_size)  # [Q, r, ncy, ncz]
-            score_lo = pt @ torch.sigmoid(lo).reshape(q, -1)  # [C, n]
-            score_hi = pt @ torch.sigmoid(hi).reshape(q, -1)
+            # sigmoid first (monotone: the min of sigmoids is the sigmoid of the min), on r + 1 planes
+            planes = self.logits.narrow(1, x0, min(r + 1, mx.in_size))
+            slab = torch.sigmoid(
+                planes, out=self.workspace.get("slab", tuple(planes.shape))
+            )  # [Q, r(+1), Y, Z]
+            lo, hi = _min_max_along(slab, slab, 1, mx.in_size, self.workspace, "x")  # [Q, r, Y, Z]
+            lo, hi = _min_max_along(lo, hi, 2, my.in_size, self.workspace, "y")  # [Q, r, ncy, Z]
+            lo, hi = _min_max_along(lo, hi, 3, mz.in_size, self.workspace, "z")  # [Q, r, ncy, ncz]
+            score_lo = pt @ lo.reshape(q, -1)  # [C, n]
+            score_hi = pt @ hi.reshape(q, -1)
             winners = _interval_winner(score_lo, score_hi, self.margin)  # [n]
             cell_labels[x0 : x0 + r] = winners.view(r, *self.cells_shape[1:])
         return cell_labels
@@ -455,7 +495,7 @@ class _BoundedSolver:
     def _refine_cells(self, cells: torch.Tensor) -> None:
         """Tighter bounds for a chunk of undecided cells; per-voxel work only where still needed."""
         k, m = self.num_contenders, self.num_rivals
-        corners = self._gather_corners(cells)  # [n, 2, 2, 2, Q]
+        corners = self._gather_corners(cells, "cell_corners")  # [n, 2, 2, 2, Q]
         s_lo, s_hi = self._sub_box_sigmoid_bounds(cells, corners)  # [n, Q] each
         score_lo = s_lo @ self.p  # [n, C]
         lead = score_lo.argmax(dim=1, keepdim=True)  # [n, 1]: the class with the best lower bound
@@ -468,14 +508,21 @@ class _BoundedSolver:
             beyond_ok = torch.ones_like(lead.squeeze(1), dtype=torch.bool)
         # Lower bound of score_lead - score_rival: sum_q w_q mid_q - |w_q| half_q, w = p_lead - p_rival.
         mid, half = (s_lo + s_hi) * 0.5, (s_hi - s_lo) * 0.5
+        score_mid = mid @ self.p  # [n, C]
+        centre = score_mid.gather(1, lead) - score_mid.gather(1, rivals)  # [n, m]
         pt = self.p.t()  # [C, Q]
-        weight = pt[lead] - pt[rivals]  # [n, m, Q]
-        centre = torch.bmm(weight, mid.unsqueeze(2)).squeeze(2)  # [n, m]
-        spread = torch.bmm(weight.abs_(), half.unsqueeze(2)).squeeze(2)
+        n = cells.numel()
+        weight = torch.index_select(
+            pt, 0, rivals.reshape(-1), out=self.workspace.get("rivals", (n * m, pt.shape[1]))
+        )
+        weight = (
+            weight.view(n, m, -1).sub_(pt.index_select(0, lead.squeeze(1)).unsqueeze(1)).abs_()
+        )  # [n, m, Q]
+        spread = torch.bmm(weight, half.unsqueeze(2)).squeeze(2)
         alive = centre - spread <= self.margin  # [n, m]: rivals that might beat the lead somewhere
         num_alive = alive.sum(dim=1)
         certified = beyond_ok & (num_alive == 0)
-        self._write_cells(cells[certified], lead[certified].squeeze(1))
+        self._queue_cell_labels(cells[certified], lead[certified].squeeze(1))
         self.stats["cells_certified_refined"] += int(certified.sum())
 
         exact = ~beyond_ok | (num_alive >= k)  # more than k classes may win: evaluate the cell exactly
@@ -504,7 +551,9 @@ class _BoundedSolver:
             lam = torch.stack((m.lam_lo[c], m.lam_hi[c]), dim=1)  # [n, 2]: the box's two ends
             ends.append(torch.stack((1 - lam, lam), dim=2))  # [n, 2 (box end), 2 (cell corner)]
         weights = torch.einsum("nai,nbj,nck->nabcijk", *ends).reshape(n, 8, 8)  # box corner <- cell corner
-        values = torch.bmm(weights, corners.view(n, 8, -1))  # [n, 8, Q]
+        values = torch.bmm(
+            weights, corners.view(n, 8, -1), out=self.workspace.get("box", (n, 8, self.num_queries))
+        )
         return torch.sigmoid(values.amin(dim=1)), torch.sigmoid(values.amax(dim=1))
 
     # ---- stage 3: per voxel, a few queries exactly and the rest bounded -----------------------------
@@ -528,7 +577,7 @@ class _BoundedSolver:
         the rest); it is queued per k and evaluated in large batches.
         """
         k = contenders.shape[1]
-        step = max(1, self.chunk_bytes // (4 * self.num_queries * (k * k + 2 * k + 4)))  # pairwise terms
+        step = max(1, self.chunk_bytes // (4 * self.num_queries * k * k))  # [n, k, k, Q] pairwise terms
         for start in range(0, cells.numel(), step):
             part = slice(start, start + step)
             summary = self._summarise_cells(
@@ -543,9 +592,8 @@ class _BoundedSolver:
                 self._flush_voxel_queue(k)
 
     def voxel_step(self, k: int) -> int:
-        """Voxels per block of the per-voxel stage with k contenders."""
-        ks = self.num_exact_queries
-        return max(1, self.chunk_bytes // (4 * (3 * ks + 2 * k * k + 3 * k) + 32))
+        """Voxels per block of the per-voxel stage with k contenders: [v, ks] logits, [v, k, k] bounds."""
+        return max(1, self.chunk_bytes // max(4 * self.num_exact_queries, 4 * k * k, 8))
 
     def _summarise_cells(
         self,
@@ -576,7 +624,7 @@ class _BoundedSolver:
         summary = _CellSummary.concatenate(queue)
         for block in self._blocks(summary.cells, self.chunk_bytes // self.voxel_step(k)):
             pos = block.positions
-            sig = torch.sigmoid_(block.interpolate(summary.chosen_corners[pos]))  # [b, V, ks]
+            sig = torch.sigmoid_(block.interpolate(summary.chosen_corners[pos], self.workspace))  # [b, V, ks]
             scores = torch.bmm(
                 sig, summary.weights[pos]
             )  # [b, V, k], or [b, V, 1] = score_0 - score_1 if k == 2
@@ -598,14 +646,15 @@ class _BoundedSolver:
             self.stats["voxels_refined"] += decided.numel()
             undecided = ~decided
             if bool(undecided.any()):
-                self._queue_exact_voxels(*(c[undecided] for c in block.coords()))
+                self._queue_exact_voxels(*block.coords(undecided))
 
     # ---- exact evaluation (all queries, all classes) ------------------------------------------------
 
     def _exact_cells(self, cells: torch.Tensor) -> None:
-        per_voxel = 4 * (3 * self.num_queries + 2 * self.num_classes)
-        for block in self._blocks(cells, per_voxel):
-            sig = torch.sigmoid_(block.interpolate(self._gather_corners(block.cells)))  # [b, V, Q]
+        for block in self._blocks(cells, 4 * self.num_queries):  # [b, V, Q] logits
+            sig = torch.sigmoid_(
+                block.interpolate(self._gather_corners(block.cells), self.workspace)
+            )  # [b, V, Q]
             self.out_flat[block.flat(self.out_size)] = (sig @ self.p).argmax(dim=2)
             self.stats["voxels_exact"] += sig.shape[0] * sig.shape[1]
 
@@ -645,7 +694,7 @@ class _BoundedSolver:
     def _cell_voxel_counts(self, cells: torch.Tensor) -> torch.Tensor:
         return self.voxels_per_cell[cells]
 
-    def _gather_corners(self, cells: torch.Tensor) -> torch.Tensor:
+    def _gather_corners(self, cells: torch.Tensor, buffer: str = "corners") -> torch.Tensor:
         """Corner logits [n, 2, 2, 2, Q] (x, y, z lower/upper) of the given cells."""
         cx, cy, cz = self._unravel_cells(cells)
         mx, my, mz = self.maps
@@ -654,7 +703,9 @@ class _BoundedSolver:
         iy = torch.stack((my.lower[cy], my.upper[cy]), dim=1)
         iz = torch.stack((mz.lower[cz], mz.upper[cz]), dim=1)
         rows = (ix[:, :, None, None] * ys + iy[:, None, :, None]) * zs + iz[:, None, None, :]  # [n, 2, 2, 2]
-        return self.rows.index_select(0, rows.view(-1)).view(cells.numel(), 2, 2, 2, self.num_queries)
+        shape = (cells.numel(), 2, 2, 2, self.num_queries)
+        out = self.workspace.get(buffer, (rows.numel(), self.num_queries))
+        return torch.index_select(self.rows, 0, rows.view(-1), out=out).view(shape)
 
     def _shape_key(self, cells: torch.Tensor) -> torch.Tensor:
         """A key [n], equal for cells with equal voxel counts per axis."""
@@ -689,29 +740,40 @@ class _BoundedSolver:
                     ox = mx.start[cx[pos]].unsqueeze(1) + arange[x0 : min(x0 + rows, sx)]  # [b, rows]
                     yield _Block(pos, cells[pos], ox, oy, oz, mx.lam[ox], ty, tz)
 
+    def _queue_cell_labels(self, cells: torch.Tensor, values: torch.Tensor) -> None:
+        """Label whole cells, batched: a few blocks per flush instead of a few per chunk."""
+        self.cell_queue.append((cells, values))
+        self.cells_queued += cells.numel()
+        if self.cells_queued * 64 >= self.chunk_bytes:  # ~64 voxels per cell, int64 indices
+            self._flush_cell_labels()
+
+    def _flush_cell_labels(self) -> None:
+        if self.cell_queue:
+            self._write_cells(*(torch.cat(parts) for parts in zip(*self.cell_queue)))
+        self.cell_queue, self.cells_queued = [], 0
+
     def _write_cells(self, cells: torch.Tensor, values: torch.Tensor) -> None:
-        for block in self._blocks(cells, 16):
+        for block in self._blocks(cells, 8):  # [b, V] int64 output indices
             flat = block.flat(self.out_size)  # [b, V]
             self.out_flat[flat] = values[block.positions].unsqueeze(1).expand_as(flat)
 
 
-def _corner_pair(volume: torch.Tensor, dim: int, start: int, length: int, in_size: int):
-    """Element-wise (min, max) of each cell's lower and upper corner planes along ``dim``."""
-    a = volume.narrow(dim, start, length)
-    if in_size == 1:
-        return a, a
-    b = volume.narrow(dim, start + 1, length)
-    return torch.minimum(a, b), torch.maximum(a, b)
-
-
-def _min_max_along(lo: torch.Tensor, hi: torch.Tensor, dim: int, in_size: int):
+def _min_max_along(
+    lo: torch.Tensor, hi: torch.Tensor, dim: int, in_size: int, workspace: _Workspace, tag: str
+):
     """Reduce (min, max) over each cell's two corner planes along ``dim``."""
     if in_size == 1:
         return lo, hi
-    n = in_size - 1
+    n = lo.shape[dim] - 1
+    shape = list(lo.shape)
+    shape[dim] = n
     return (
-        torch.minimum(lo.narrow(dim, 0, n), lo.narrow(dim, 1, n)),
-        torch.maximum(hi.narrow(dim, 0, n), hi.narrow(dim, 1, n)),
+        torch.minimum(
+            lo.narrow(dim, 0, n), lo.narrow(dim, 1, n), out=workspace.get(tag + "_lo", tuple(shape))
+        ),
+        torch.maximum(
+            hi.narrow(dim, 0, n), hi.narrow(dim, 1, n), out=workspace.get(tag + "_hi", tuple(shape))
+        ),
     )
 
 
