@@ -8,6 +8,8 @@ rounding (``TIE_TOL``); every test counts those voxels and, on generic inputs, r
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -276,18 +278,24 @@ class LargestNewTensor(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("method", ["bounded", "direct"])
-def test_chunk_bytes_bounds_the_largest_intermediate(method):
-    batch, queries, grid, out_size = 1, 16, (5, 6, 4), (30, 33, 19)
-    probs, logits = random_inputs(batch, queries, 6, grid, logit_scale=6.0, seed=15)
-    chunk = 32 * 1024
+@pytest.mark.parametrize(
+    "grid,out_size,chunk",
+    [
+        ((5, 6, 4), (30, 33, 19), 32 * 1024),
+        ((3, 3, 3), (40, 40, 40), 64 * 1024),  # 8000 voxels per cell: blocks split a cell's x-rows
+    ],
+)
+def test_chunk_bytes_bounds_the_largest_intermediate(method, grid, out_size, chunk):
+    queries = 16
+    probs, logits = random_inputs(1, queries, 6, grid, logit_scale=6.0, seed=15)
     with LargestNewTensor() as tracker:
         labels = occupancy_labels(probs, logits, out_size, method, chunk_bytes=chunk, num_exact_queries=2)
     check_against_reference(labels, probs, logits, out_size)
     output = [a for a in tracker.allocations if a[1] == labels.shape and a[2] == torch.int64]
     assert len(output) == 1  # the labels themselves
     rest = [a for a in tracker.allocations if a not in output]
-    full_volume = queries * 30 * 33 * 19 * 4  # one sample's upsampled logits in float32: 1.2 MB
-    input_sized = batch * queries * 5 * 6 * 4 * 4  # the logits (and checks over them)
+    full_volume = queries * math.prod(out_size) * 4  # the sample's upsampled logits in float32
+    input_sized = queries * math.prod(grid) * 4 * 4  # the logits (and checks over them)
     largest = max(rest, key=lambda a: a[3])
     assert largest[3] <= max(chunk, input_sized), largest
     assert max(chunk, input_sized) * 30 < full_volume  # the bound is far below the dense volume
