@@ -95,7 +95,9 @@ def occupancy_labels(
     """
     if chunk_bytes is None:
         chunk_bytes = 16 * 2**20 if mask_logits.device.type == "cpu" else 256 * 2**20
-    probs, logits, out_size = _checked_inputs(class_probs, mask_logits, out_size, method, chunk_bytes)
+    probs, logits, out_size, largest_logit = _checked_inputs(
+        class_probs, mask_logits, out_size, method, chunk_bytes
+    )
     if margin is not None and not margin >= 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     if num_contenders < 2 or num_exact_queries < 1:
@@ -116,7 +118,7 @@ def occupancy_labels(
         if method == "direct":
             _direct_labels(p, volume, maps, labels[b], chunk_bytes)
         else:
-            sample_margin = _rounding_margin(p, volume) if margin is None else float(margin)
+            sample_margin = _rounding_margin(p, largest_logit) if margin is None else float(margin)
             solver = BoundedSolver(
                 p=p,
                 logits=volume,
@@ -140,7 +142,7 @@ def _checked_inputs(
     out_size: tuple[int, int, int],
     method: str,
     chunk_bytes: int,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int], float]:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if class_probs.dim() != 3 or not class_probs.is_floating_point():
@@ -170,11 +172,12 @@ def _checked_inputs(
         raise ValueError(f"out_size must be three positive ints (X', Y', Z'), got {out_size!r}")
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    if mask_logits.numel() and not math.isfinite(_largest_magnitude(mask_logits)):
+    largest_logit = _largest_magnitude(mask_logits) if mask_logits.numel() else 0.0
+    if not math.isfinite(largest_logit):
         raise ValueError("mask_logits must be finite (found inf or NaN)")
     if class_probs.numel() and not 0.0 <= float(class_probs.min()) <= float(class_probs.max()) < math.inf:
         raise ValueError("class_probs must be finite non-negative probabilities")
-    return class_probs, mask_logits, out  # type: ignore[return-value]
+    return class_probs, mask_logits, out, largest_logit  # type: ignore[return-value]
 
 
 def _largest_magnitude(tensor: torch.Tensor) -> float:
@@ -183,7 +186,7 @@ def _largest_magnitude(tensor: torch.Tensor) -> float:
     return max(-float(low), float(high))
 
 
-def _rounding_margin(p: torch.Tensor, logits: torch.Tensor) -> float:
+def _rounding_margin(p: torch.Tensor, largest_logit: float) -> float:
     """Bound on the float32 error of a score difference (interpolation, sigmoid, sums over queries).
 
     Interpolated logits carry an error of a few ulps of the largest corner magnitude, sigmoid damps it
@@ -192,7 +195,6 @@ def _rounding_margin(p: torch.Tensor, logits: torch.Tensor) -> float:
     """
     num_queries = p.shape[0]
     largest_total = max(1.0, float(p.sum(dim=0).max()))
-    largest_logit = _largest_magnitude(logits)
     return 4.0 * _FLOAT32_EPS * largest_total * (2.0 * largest_logit + num_queries + 2.0)
 
 
