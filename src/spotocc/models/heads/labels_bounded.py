@@ -268,7 +268,7 @@ class BoundedSolver:
         for count in torch.unique(num_alive[todo]).tolist():
             group = (todo & (num_alive == count)).nonzero().squeeze(1)
             contenders = torch.cat((lead[group], ranked[group, :count]), dim=1)  # [g, count + 1]
-            self._refine_voxels(cells[group], corners[group], mid[group], half[group], contenders)
+            self._refine_voxels(group, cells, corners, mid, half, contenders)
 
     def _sub_box_sigmoid_bounds(
         self, cells: torch.Tensor, corners: torch.Tensor
@@ -283,7 +283,9 @@ class BoundedSolver:
         for m, c in zip(self.maps, self._unravel_cells(cells)):
             lam = torch.stack((m.lam_lo[c], m.lam_hi[c]), dim=1)  # [n, 2]: the box's two ends
             ends.append(torch.stack((1 - lam, lam), dim=2))  # [n, 2 (box end), 2 (cell corner)]
-        weights = torch.einsum("nai,nbj,nck->nabcijk", *ends).reshape(n, 8, 8)  # box corner <- cell corner
+        wx, wy, wz = ends
+        wxy = (wx[:, :, None, :, None] * wy[:, None, :, None, :]).reshape(n, 4, 4)  # (x, y) ends <- corners
+        weights = (wxy[:, :, None, :, None] * wz[:, None, :, None, :]).reshape(n, 8, 8)  # box <- cell corner
         values = torch.bmm(
             weights, corners.view(n, 8, -1), out=self.workspace.get("box", (n, 8, self.num_queries))
         )
@@ -293,6 +295,7 @@ class BoundedSolver:
 
     def _refine_voxels(
         self,
+        group: torch.Tensor,
         cells: torch.Tensor,
         corners: torch.Tensor,
         mid: torch.Tensor,
@@ -302,20 +305,19 @@ class BoundedSolver:
         """Per voxel: the queries that separate the contenders exactly, the others bounded pairwise.
 
         Args:
-            cells: [n] flat cell ids; corners: their corner logits [n, 2, 2, 2, Q].
-            mid, half: centre and half-width of each query's sigmoid range in the cell, [n, Q].
-            contenders: [n, k] the classes that may win in each cell (all others provably lose).
+            group: [g] rows of the chunk's ``cells`` [n] to refine; ``contenders`` [g, k] are the classes
+                that may win in each (all others provably lose).
+            corners: the chunk's corner logits [n, 2, 2, 2, Q]; mid, half: centre and half-width of each
+                query's sigmoid range in the cell, [n, Q].
 
         Only a compact summary per cell is kept (the chosen queries' corners and weights, the bound on
         the rest); it is queued per k and evaluated in large batches.
         """
         k = contenders.shape[1]
-        step = max(1, self.chunk_bytes // (4 * self.num_queries * k * k))  # [n, k, k, Q] pairwise terms
-        for start in range(0, cells.numel(), step):
-            part = slice(start, start + step)
-            summary = self._summarise_cells(
-                cells[part], corners[part], mid[part], half[part], contenders[part]
-            )
+        step = max(1, self.chunk_bytes // (4 * self.num_queries * k * k))  # [g, k, k, Q] pairwise terms
+        for start in range(0, group.numel(), step):
+            rows = group[start : start + step]
+            summary = self._summarise_cells(rows, cells, corners, mid, half, contenders[start : start + step])
             queue = self.voxel_queue.setdefault(k, [])
             queue.append(summary)
             self.voxels_queued[k] = self.voxels_queued.get(k, 0) + int(
@@ -330,13 +332,15 @@ class BoundedSolver:
 
     def _summarise_cells(
         self,
+        rows: torch.Tensor,
         cells: torch.Tensor,
         corners: torch.Tensor,
         mid: torch.Tensor,
         half: torch.Tensor,
         contenders: torch.Tensor,
     ) -> _CellSummary:
-        n, k, ks = cells.numel(), contenders.shape[1], self.num_exact_queries
+        n, k, ks = rows.numel(), contenders.shape[1], self.num_exact_queries
+        mid, half = mid[rows], half[rows]  # [n, Q]
         p_k = self.p.t()[contenders]  # [n, k, Q]
         # A query matters if its sigmoid varies in the cell and the contenders weigh it differently.
         importance = half * (p_k.amax(dim=1) - p_k.amin(dim=1))  # [n, Q]
@@ -346,8 +350,13 @@ class BoundedSolver:
         weights = p_k.gather(2, chosen.unsqueeze(1).expand(n, k, ks)).transpose(1, 2)  # [n, ks, k]
         if k == 2:  # the common case: one score difference per voxel
             weights = weights[:, :, :1] - weights[:, :, 1:]  # [n, ks, 1]
-        chosen_corners = corners.gather(4, chosen.view(n, 1, 1, 1, ks).expand(n, 2, 2, 2, ks))
-        return _CellSummary(cells, contenders, chosen_corners, weights.contiguous(), rest_bound)
+        corner = torch.arange(8, device=self.device).view(1, 8, 1)
+        chosen_corners = corners.view(corners.shape[0], 8, -1)[
+            rows.view(-1, 1, 1), corner, chosen.unsqueeze(1)
+        ]
+        return _CellSummary(
+            cells[rows], contenders, chosen_corners.view(n, 2, 2, 2, ks), weights.contiguous(), rest_bound
+        )
 
     def _flush_voxel_queue(self, k: int) -> None:
         queue = self.voxel_queue.pop(k, [])
@@ -529,6 +538,13 @@ def _pairwise_lower_bound(p_k: torch.Tensor, mid: torch.Tensor, half: torch.Tens
     With each sigmoid in [mid - half, mid + half], ``sum_q (p_qa - p_qb) s_q`` is at least
     ``sum_q (p_qa - p_qb) mid_q - |p_qa - p_qb| half_q``: queries weighing both classes alike cancel.
     """
+    if p_k.shape[1] == 2:  # the common case, without the [n, 2, 2, Q] weights
+        weight = p_k[:, 0] - p_k[:, 1]  # [n, Q]
+        centre, spread = (weight * mid).sum(dim=1), (weight.abs_() * half).sum(dim=1)  # [n]
+        bound = torch.full((p_k.shape[0], 2, 2), math.inf, device=p_k.device)
+        bound[:, 0, 1] = centre - spread
+        bound[:, 1, 0] = -centre - spread
+        return bound
     centre = torch.einsum("nkq,nq->nk", p_k, mid)  # [n, k]
     spread = torch.einsum("nabq,nq->nab", (p_k.unsqueeze(2) - p_k.unsqueeze(1)).abs_(), half)  # [n, k, k]
     bound = centre.unsqueeze(2) - centre.unsqueeze(1) - spread
