@@ -1,0 +1,94 @@
+"""The whole model on tiny synthetic scenes: losses, gradients, labels, batch size 2."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from spotocc.config import apply_overrides, get_config
+from spotocc.data import build_dataset, collate
+from spotocc.data.synthetic import generate, source_image_size
+from spotocc.models import OccupancyModel, build_model
+
+
+@pytest.fixture(scope="module")
+def tiny_batch(tmp_path_factory):
+    cfg = get_config("synthetic_tiny")
+    out = tmp_path_factory.mktemp("synth")
+    summary = generate(
+        out,
+        "semantickitti",
+        num_train=2,
+        num_val=0,
+        seed=1,
+        grid=cfg.grid,
+        image_size=source_image_size(cfg.data),
+    )
+    cfg = apply_overrides(cfg, summary.data_overrides)
+    dataset = build_dataset(cfg, "train", train=True)
+    return cfg, collate([dataset[0], dataset[1]])
+
+
+def _untouched_init_(model: nn.Module) -> None:
+    """timm zero-initialises the last BN of each residual branch; undo it so every weight gets gradient."""
+    for module in model.image_backbone.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+
+
+@pytest.mark.parametrize("head_type", ["spot", "sparseocc"])
+def test_forward_train_backward_and_predict_batch_2(tiny_batch, head_type):
+    cfg, batch = tiny_batch
+    cfg = apply_overrides(copy.deepcopy(cfg), [f"head.type={head_type}"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert isinstance(model, OccupancyModel)
+    assert [name for name, _ in model.named_children()] == [
+        "image_backbone",
+        "image_neck",
+        "view_transformer",
+        "voxel_encoder",
+        "voxel_neck",
+        "head",
+    ]
+    _untouched_init_(model)
+    model.train()
+    losses = model.forward_train(batch)
+    assert "loss_depth" in losses and "loss_cls" in losses and "d0.loss_dice" in losses
+    if head_type == "spot":
+        assert "d0.loss_cls_dn" in losses
+    else:
+        assert "loss_voxel_lovasz_coarse" in losses
+    total = sum(v for k, v in losses.items() if "loss" in k)
+    assert torch.isfinite(total)
+    total.backward()
+    # Biases directly followed by a training-mode BatchNorm get an exactly cancelling gradient (spec 02
+    # section 7.8); everything else must be reached.
+    pre_bn_biases = {"voxel_encoder.aggregation3.conv1.0.bias", "voxel_encoder.aggregation3.conv1.3.bias"}
+    pre_bn_biases |= {n.replace("aggregation3", "aggregation4") for n in pre_bn_biases}
+    unreached = [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or (p.grad.abs().sum() == 0 and name not in pre_bn_biases))
+    ]
+    assert unreached == []
+    model.eval()
+    labels = model.predict(batch)
+    assert labels.shape == (2, *cfg.grid.occ_size) and labels.dtype == torch.int64
+    assert 0 <= int(labels.min()) and int(labels.max()) < cfg.model.head.num_classes
+
+
+def test_predict_of_a_batch_equals_per_sample_predictions(tiny_batch):
+    cfg, batch = tiny_batch
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    together = model.predict(batch)
+    one = {k: (v[:1] if torch.is_tensor(v) else v[:1]) for k, v in batch.items()}
+    two = {k: (v[1:] if torch.is_tensor(v) else v[1:]) for k, v in batch.items()}
+    assert torch.equal(together, torch.cat([model.predict(one), model.predict(two)]))
+
+
+def test_unknown_head_type_is_a_clear_error():
+    with pytest.raises(ValueError, match="head.type"):
+        build_model(get_config("synthetic_tiny", ["head.type=nope"]))
