@@ -111,7 +111,7 @@ def _brute_force(labels, camera, rng):
     t_near = np.where(hit, t_near, np.inf)
     first = np.argmin(t_near, axis=1)
     depth = t_near[np.arange(len(first)), first]
-    label = np.where(np.isfinite(depth), labels[tuple(occupied[first].T)], -1)
+    label = np.where(np.isfinite(depth), labels[tuple(occupied[first].T)].astype(np.int64), -1)
     return label.reshape(camera.height, camera.width), depth.reshape(camera.height, camera.width)
 
 
