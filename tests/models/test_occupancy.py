@@ -1,6 +1,7 @@
 """The whole model on tiny synthetic scenes: losses, gradients, labels, batch size 2."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -92,3 +93,29 @@ def test_predict_of_a_batch_equals_per_sample_predictions(tiny_batch):
 def test_unknown_head_type_is_a_clear_error():
     with pytest.raises(ValueError, match="head.type"):
         build_model(get_config("synthetic_tiny", ["head.type=nope"]))
+
+
+@pytest.mark.parametrize("head_type", ["spot", "sparseocc"])
+def test_head_label_method_selects_the_label_formation(tiny_batch, head_type, monkeypatch):
+    cfg, batch = tiny_batch
+    cfg = apply_overrides(copy.deepcopy(cfg), [f"head.type={head_type}", "head.label_method=direct"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert model.head.label_method == "direct"
+    from spotocc.models.heads import labels
+
+    calls = []
+    module = importlib.import_module(type(model.head).__module__)
+
+    def recording(*args, **kwargs):
+        calls.append(args[3])
+        return labels.occupancy_labels(*args, **kwargs)
+
+    monkeypatch.setattr(module, "occupancy_labels", recording)
+    direct = model.predict(batch)
+    model.head.label_method = "bounded"
+    bounded = model.predict(batch)
+    assert calls == ["direct", "bounded"]
+    assert torch.equal(direct, bounded)  # the bounded method is exact
+    with pytest.raises(ValueError, match="label_method"):
+        build_model(apply_overrides(copy.deepcopy(cfg), ["head.label_method=fast"]))

@@ -26,6 +26,8 @@ from torch.utils.checkpoint import checkpoint
 from spotocc.config import HeadConfig
 from spotocc.data.classes import cross_entropy_class_weights
 from spotocc.models.heads.coarse_losses import coarse_voxel_losses
+from spotocc.models.heads.labels import METHODS as LABEL_METHODS
+from spotocc.models.heads.labels import occupancy_labels
 from spotocc.models.heads.positional_encoding import SinePositionalEncoding3D
 from spotocc.models.heads.spot import FeedForward, HeadOutput
 
@@ -176,6 +178,7 @@ class SparseOccHead(nn.Module):
         coarse_loss_weight: float = 1.0,
         coarse_norm_groups: int = 32,
         checkpoint_coarse: bool = True,
+        label_method: str = "bounded",
         criterion: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -242,6 +245,11 @@ class SparseOccHead(nn.Module):
         )
         # not persistent: derived from the config, so checkpoints hold only the released tensors
         self.register_buffer("coarse_class_weights", torch.tensor(weights), persistent=False)
+        if label_method not in LABEL_METHODS:
+            raise ValueError(
+                f"{type(self).__name__}: label_method must be one of {LABEL_METHODS}, got {label_method!r}"
+            )
+        self.label_method = label_method
         self.criterion = criterion
         self.reset_decoder_parameters()
 
@@ -270,6 +278,7 @@ class SparseOccHead(nn.Module):
             class_frequencies=head_cfg.class_frequencies,
             coarse_loss_weight=head_cfg.coarse_loss_weight,
             coarse_norm_groups=head_cfg.coarse_norm_groups,
+            label_method=head_cfg.label_method,
             criterion=criterion,
         )
 
@@ -321,10 +330,8 @@ class SparseOccHead(nn.Module):
 
     def predict(self, voxel_feats: list[torch.Tensor], out_size: tuple[int, int, int]) -> torch.Tensor:
         """int64 labels [B, *out_size] (see :func:`spotocc.models.heads.labels.occupancy_labels`)."""
-        from spotocc.models.heads.labels import occupancy_labels
-
         class_probs, mask_logits = self.predict_logits(voxel_feats)
-        return occupancy_labels(class_probs, mask_logits, out_size)
+        return occupancy_labels(class_probs, mask_logits, out_size, self.label_method)
 
     def coarse_occupancy(self, mask_feats: torch.Tensor) -> torch.Tensor:
         """``occ_pred_conv`` of the detached mask features [B, C, X0, Y0, Z0] -> [B, N_cls, X0, Y0, Z0]."""

@@ -20,6 +20,8 @@ from spotocc.models.heads.denoising import (
     denoising_cross_attn_mask,
     pool_class_masks,
 )
+from spotocc.models.heads.labels import METHODS as LABEL_METHODS
+from spotocc.models.heads.labels import occupancy_labels
 from spotocc.models.heads.positional_encoding import SinePositionalEncoding3D
 from spotocc.models.heads.targets import occupancy_to_class_masks
 
@@ -382,6 +384,7 @@ class SpotOccHead(nn.Module):
         dn_consistent: bool = False,
         fix_interaction_norm: bool = False,
         fix_double_residual: bool = False,
+        label_method: str = "bounded",
         criterion: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -435,6 +438,11 @@ class SpotOccHead(nn.Module):
             nn.Linear(embed_dims, embed_dims),
         )
         self.dn_label_embed = nn.Embedding(num_classes, embed_dims)
+        if label_method not in LABEL_METHODS:
+            raise ValueError(
+                f"{type(self).__name__}: label_method must be one of {LABEL_METHODS}, got {label_method!r}"
+            )
+        self.label_method = label_method
         self.criterion = criterion
         self.reset_decoder_parameters()
 
@@ -465,6 +473,7 @@ class SpotOccHead(nn.Module):
             dn_consistent=head_cfg.dn_consistent,
             fix_interaction_norm=head_cfg.fix_interaction_norm,
             fix_double_residual=head_cfg.fix_double_residual,
+            label_method=head_cfg.label_method,
             criterion=criterion,
         )
 
@@ -510,10 +519,8 @@ class SpotOccHead(nn.Module):
 
     def predict(self, voxel_feats: list[torch.Tensor], out_size: tuple[int, int, int]) -> torch.Tensor:
         """int64 labels [B, *out_size] (see :func:`spotocc.models.heads.labels.occupancy_labels`)."""
-        from spotocc.models.heads.labels import occupancy_labels
-
         class_probs, mask_logits = self.predict_logits(voxel_feats)
-        return occupancy_labels(class_probs, mask_logits, out_size)
+        return occupancy_labels(class_probs, mask_logits, out_size, self.label_method)
 
     # ----------------------------------------------------------------------------------------------
     # internals
