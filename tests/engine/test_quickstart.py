@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from engine_toys import toy_config, toy_dataset_factory, toy_model_factory
+from PIL import Image
 from torch.utils.data import Dataset
 
 from spotocc.engine.quickstart import most_frequent_label_baseline, run_quickstart, score_fixed_prediction
@@ -80,6 +81,14 @@ def test_quickstart_stages_with_toys(tmp_path, capsys):
     assert calls[0][1]["format"] == "semantickitti" and calls[0][1]["grid"] == cfg.grid
     assert calls[0][1]["num_train"] == 12 and calls[0][1]["num_val"] == 5
     out = capsys.readouterr().out
-    assert "image-blind baseline" in out and "SSC mIoU: model" in out
-    assert json.loads((tmp_path / "quickstart.json").read_text()) == results
+    assert "image-blind baseline" in out and "SSC mIoU: model" in out and "SC IoU:   model" in out
+    saved = json.loads((tmp_path / "quickstart.json").read_text())
+    assert {k: saved[k] for k in results} == results
+    assert set(saved["seconds"]) == {"generate", "train", "evaluate", "total"}
+    # the first held-out sample's prediction, drawn beside its ground truth
+    assert sorted(str(p.relative_to(tmp_path / "predictions")) for p in tmp_path.rglob("*.npz")) == [
+        f"seq{i % 2}/{i:04d}.npz" for i in (0, 2, 4, 1, 3)
+    ]
+    picture = Image.open(tmp_path / "quickstart.png")
+    assert picture.width > 200 and picture.height > 200
     assert set(results) == {"model", "baseline"} and "SSC_mIoU" in results["baseline"]

@@ -5,16 +5,16 @@
 2. ``synthetic_tiny`` trains on the training scenes (CPU is fine; minutes).
 3. The trained model is evaluated on the held-out scenes and its per-class table is printed next to
    an image-blind baseline: every voxel gets its most frequent label over the training scenes. A model
-   that uses the cameras should beat it on SSC mIoU.
-
-First version: the stages are wired to the interfaces, but the preset's training length and the
-scene counts still need tuning once the model and the generator land.
+   that uses the cameras beats it. The predictions go to ``<work_dir>/predictions``, the numbers to
+   ``<work_dir>/quickstart.json`` and a picture of the first held-out scene (camera, ground truth,
+   prediction) to ``<work_dir>/quickstart.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,11 +24,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from spotocc.config import Config, get_config
+from spotocc.engine.atomic import write_text_atomic
 from spotocc.engine.evaluator import DatasetFactory, ModelFactory, default_dataset_factory
 from spotocc.evaluation import SSCMetrics
 
 __all__ = [
     "add_arguments",
+    "draw_first_prediction",
     "main",
     "most_frequent_label_baseline",
     "run_quickstart",
@@ -49,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bars")
+    parser.add_argument(
+        "--picture", action=argparse.BooleanOptionalAction, default=True, help="write quickstart.png"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -63,6 +68,7 @@ def main(args: argparse.Namespace) -> int:
         num_val=args.num_val,
         device=args.device,
         show_progress=args.progress,
+        picture=args.picture,
     )
     return 0
 
@@ -79,8 +85,12 @@ def run_quickstart(
     dataset_factory: DatasetFactory | None = None,
     collate_fn: Callable | None = None,
     show_progress: bool | None = None,
+    picture: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """Run the three stages; returns ``{"model": metrics, "baseline": metrics}`` (unprefixed, percent)."""
+    """Run the three stages; returns ``{"model": metrics, "baseline": metrics}`` (unprefixed, percent).
+
+    ``picture``: draw ``quickstart.png`` of the first held-out scene.
+    """
     from spotocc.data.classes import class_set
     from spotocc.engine.evaluator import evaluate, load_model_from_checkpoint
     from spotocc.engine.trainer import train
@@ -90,6 +100,8 @@ def run_quickstart(
     data_dir = work_dir / "data"
     if generate_fn is None:
         from spotocc.data.synthetic import generate as generate_fn
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
     print(f"[1/3] generating {num_train} training and {num_val} held-out scenes in {data_dir}")
     generate_fn(
         data_dir,
@@ -100,6 +112,7 @@ def run_quickstart(
         grid=cfg.grid,
     )
     cfg.data.root = str(data_dir)
+    seconds["generate"] = time.perf_counter() - start
 
     print(f"[2/3] training {cfg.name} for {cfg.train.epochs} epochs (logs: {work_dir / 'train'})")
     train(
@@ -111,6 +124,7 @@ def run_quickstart(
         collate_fn=collate_fn,
         show_progress=show_progress,
     )
+    seconds["train"] = time.perf_counter() - start - seconds["generate"]
 
     print("[3/3] evaluating on the held-out scenes")
     eval_device = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -118,8 +132,15 @@ def run_quickstart(
         work_dir / "train" / "checkpoints" / "last", device=eval_device, model_factory=model_factory
     )
     val_set = dataset_factory(cfg, cfg.data.val_split, train=False)
+    predictions = work_dir / "predictions"
     model_metrics = evaluate(
-        model, val_set, cfg, device=eval_device, collate_fn=collate_fn, show_progress=show_progress
+        model,
+        val_set,
+        cfg,
+        device=eval_device,
+        predictions_dir=predictions,
+        collate_fn=collate_fn,
+        show_progress=show_progress,
     ).metrics
     names = class_set(cfg.data.class_set)[0]
     train_set = dataset_factory(cfg, cfg.data.train_split, train=False)  # no augmentation: the GT as stored
@@ -127,13 +148,41 @@ def run_quickstart(
     baseline_metrics = score_fixed_prediction(fixed, val_set, cfg, collate_fn=collate_fn)
     columns = {cfg.name: model_metrics, "image-blind baseline": baseline_metrics}
     print(format_ssc_table(columns, names))
-    gain = model_metrics["SSC_mIoU"] - baseline_metrics["SSC_mIoU"]
-    model_miou, baseline_miou = model_metrics["SSC_mIoU"], baseline_metrics["SSC_mIoU"]
-    print(f"SSC mIoU: model {model_miou:.2f} vs baseline {baseline_miou:.2f} ({gain:+.2f})")
-    (work_dir / "quickstart.json").write_text(
-        json.dumps({"model": model_metrics, "baseline": baseline_metrics}, indent=2)
+    for key, label in (("SSC_mIoU", "SSC mIoU"), ("SC_IoU", "SC IoU")):
+        ours, blind = model_metrics[key], baseline_metrics[key]
+        print(f"{label + ':':9s} model {ours:.2f} vs image-blind baseline {blind:.2f} ({ours - blind:+.2f})")
+    if picture:
+        path = draw_first_prediction(work_dir / "quickstart.png", val_set, predictions, cfg)
+        print(f"picture: {path}")
+    seconds["evaluate"] = time.perf_counter() - start - seconds["generate"] - seconds["train"]
+    seconds["total"] = time.perf_counter() - start
+    print(
+        f"wall time: {seconds['total'] / 60:.1f} min (generate {seconds['generate']:.0f} s, "
+        f"train {seconds['train']:.0f} s, evaluate {seconds['evaluate']:.0f} s)"
     )
-    return {"model": model_metrics, "baseline": baseline_metrics}
+    results = {"model": model_metrics, "baseline": baseline_metrics}
+    write_text_atomic(work_dir / "quickstart.json", json.dumps({**results, "seconds": seconds}, indent=2))
+    return results
+
+
+def draw_first_prediction(path: Path, dataset: Dataset, predictions: Path, cfg: Config) -> Path:
+    """Camera image(s), ground truth and prediction of ``dataset[0]`` as one PNG at ``path``."""
+    from spotocc.engine.evaluator import read_prediction
+    from spotocc.visualization.panel import save_prediction_panel
+
+    sample = dataset[0]
+    sample_id = str(sample["meta"]["sample_id"])
+    return save_prediction_panel(
+        path,
+        sample,
+        None,
+        read_prediction(predictions, sample_id),
+        cfg.data.class_set,
+        cfg.grid.point_cloud_range,
+        f"{cfg.name} after the quickstart, held-out scene",
+        sample_id=sample_id,
+        bgr_input=cfg.data.bgr_input,
+    )
 
 
 def _gt_batches(dataset: Dataset, collate_fn: Callable | None):
