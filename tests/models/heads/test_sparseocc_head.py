@@ -1,6 +1,4 @@
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -8,6 +6,7 @@ from torch import nn
 
 from spotocc.config import HeadConfig, get_config
 from spotocc.data.classes import cross_entropy_class_weights
+from spotocc.models.heads import sparseocc as sparseocc_module
 from spotocc.models.heads.coarse_losses import LOSS_KEYS, coarse_voxel_losses
 from spotocc.models.heads.sparseocc import (
     MaskedAttentionDecoderLayer,
@@ -354,14 +353,16 @@ def test_predict_logits_and_predict(monkeypatch):
     torch.testing.assert_close(probs, out.cls_logits[-1].softmax(-1)[..., :-1])
     torch.testing.assert_close(masks, out.mask_logits[-1])
     calls = []
-    fake = types.ModuleType("spotocc.models.heads.labels")
-    fake.occupancy_labels = lambda p, m, size: (
-        calls.append((p, m, size)) or torch.zeros(2, *size, dtype=torch.long)
+    monkeypatch.setattr(
+        sparseocc_module,
+        "occupancy_labels",
+        lambda p, m, size, method: (
+            calls.append((p, m, size, method)) or torch.zeros(2, *size, dtype=torch.long)
+        ),
     )
-    monkeypatch.setitem(sys.modules, "spotocc.models.heads.labels", fake)
     with torch.no_grad():
         labels = head.predict(feats, (16, 16, 8))
-    assert labels.shape == (2, 16, 16, 8) and calls[0][2] == (16, 16, 8)
+    assert labels.shape == (2, 16, 16, 8) and calls[0][2:] == ((16, 16, 8), "bounded")
     torch.testing.assert_close(calls[0][0], probs)
     torch.testing.assert_close(calls[0][1], masks)
 

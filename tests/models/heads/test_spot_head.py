@@ -1,6 +1,4 @@
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -8,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spotocc.config import HeadConfig, get_config
+from spotocc.models.heads import spot as spot_module
 from spotocc.models.heads.spot import SpotDecoderLayer, SpotOccHead
 from spotocc.models.heads.targets import occupancy_to_class_masks
 
@@ -230,16 +229,18 @@ def test_predict_logits_and_predict(monkeypatch):
     assert probs.shape == (2, 6, NUM_CLASSES) and bool((probs.sum(-1) < 1).all())
 
     calls = []
-    fake = types.ModuleType("spotocc.models.heads.labels")
-    fake.occupancy_labels = lambda p, m, size: (
-        calls.append((p, m, size)) or torch.zeros(2, *size, dtype=torch.long)
+    monkeypatch.setattr(
+        spot_module,
+        "occupancy_labels",
+        lambda p, m, size, method: (
+            calls.append((p, m, size, method)) or torch.zeros(2, *size, dtype=torch.long)
+        ),
     )
-    monkeypatch.setitem(sys.modules, "spotocc.models.heads.labels", fake)
     with torch.no_grad():
         labels = head.predict(feats, (16, 16, 8))
     assert labels.shape == (2, 16, 16, 8)
     torch.testing.assert_close(calls[0][0], probs)
-    assert calls[0][2] == (16, 16, 8)
+    assert calls[0][2:] == ((16, 16, 8), "bounded")
 
 
 def test_decoder_layer_order_and_double_residual():
