@@ -49,7 +49,7 @@ def test_synthetic_tiny_path_trains_every_parameter():
     feats = encoder(img)
     assert feats.shape == (b, n, 96, input_size[0] // 16, input_size[1] // 16)
     volume, depth_prob = vt(feats, *_cameras(b, n, input_size, kitti=True))
-    assert volume.shape == (b, 16, 32, 32, 8) and depth_prob.shape == (b * n, 112, 6, 20)
+    assert volume.shape == (b, 32, 32, 32, 8) and depth_prob.shape == (b * n, 112, 6, 20)
     occupied = (volume.abs().sum(dim=1) > 0).flatten(1).sum(dim=1)
     assert (occupied > 0).all()
     gt_depth = torch.zeros(b, n, *input_size)
