@@ -150,6 +150,32 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 # Synchronised BatchNorm
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose gradient is again the sum over processes.
+
+    Used instead of ``torch.distributed.nn.functional.all_reduce``: with torch 2.14 and gloo, a
+    backward through that one made about one spawned process in eight abort at exit ("terminate
+    called without an active exception"); this plain Function never did in the same loop.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def differentiable_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """``all_reduce`` (sum) that autograd can pass through."""
+    return _AllReduceSum.apply(x)
+
+
 class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics span all processes, on any device and backend.
 
@@ -170,8 +196,6 @@ class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
         use_batch_stats = self.training or self.running_mean is None
         if not (use_batch_stats and is_distributed() and get_world_size() > 1):
             return _plain_batch_norm(self, input)
-        from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
-
         channels = input.shape[1]
         reduce_dims = [d for d in range(input.dim()) if d != 1]
         shape = [1, channels] + [1] * (input.dim() - 2)
