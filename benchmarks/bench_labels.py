@@ -3,6 +3,7 @@
     python benchmarks/bench_labels.py                       # nuScenes sizes, structured synthetic inputs
     python benchmarks/bench_labels.py --preset kitti
     python benchmarks/bench_labels.py --npz head_outputs.npz --out-size 512 512 40
+    python benchmarks/bench_labels.py --preset kitti --grid 32 32 8 --out-size 64 64 16 --num-queries 20
 
 Inputs: an ``.npz`` with ``mask_logits`` [B, Q, X, Y, Z] and ``class_probs`` [B, Q, C] (or
 ``cls_logits`` [B, Q, C+1]), optionally ``out_size``; without one, Mask2Former-like outputs of a
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="nuscenes")
     parser.add_argument("--npz", help="real head outputs (see module docstring)")
+    parser.add_argument("--grid", type=int, nargs=3, help="low-res mask grid of the synthetic inputs")
     parser.add_argument("--out-size", type=int, nargs=3, help="output grid (default: the preset's)")
     parser.add_argument("--num-queries", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     grid, out_size = PRESETS[args.preset]
+    grid = tuple(args.grid or grid)
     if args.npz:
         class_probs, mask_logits, npz_out = load_head_outputs(args.npz)
         out_size = tuple(args.out_size or npz_out or out_size)

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from spotocc.models.heads.labels import occupancy_labels
-from spotocc.models.heads.labels_benchmark import benchmark_labels, load_head_outputs, structured_head_outputs
+from spotocc.models.heads.labels_benchmark import (
+    benchmark_labels,
+    load_head_outputs,
+    save_head_outputs,
+    structured_head_outputs,
+)
 
 
 @pytest.mark.parametrize("preset,num_classes", [("nuscenes", 17), ("kitti", 20)])
@@ -46,6 +51,17 @@ def test_load_head_outputs_accepts_probs_or_logits(tmp_path):
     np.savez(tmp_path / "bad.npz", mask_logits=logits.numpy())
     with pytest.raises(ValueError, match="class_probs"):
         load_head_outputs(tmp_path / "bad.npz")
+
+
+def test_saved_head_outputs_load_back(tmp_path):
+    probs, logits = structured_head_outputs(grid=(6, 6, 4), num_queries=10, batch_size=2, seed=3)
+    save_head_outputs(tmp_path / "head.npz", probs.bfloat16(), logits, (12, 12, 8))
+    loaded_probs, loaded_logits, out_size = load_head_outputs(tmp_path / "head.npz")
+    assert loaded_probs.dtype == torch.float32 and torch.equal(loaded_probs, probs.bfloat16().float())
+    assert torch.equal(loaded_logits, logits) and out_size == (12, 12, 8)
+    with pytest.raises(ValueError, match="not \\[B, Q, C\\]"):
+        save_head_outputs(tmp_path / "bad.npz", probs[0], logits, (12, 12, 8))
+    assert not (tmp_path / "bad.npz").exists()
 
 
 def test_benchmark_reports_times_agreement_work_and_memory():

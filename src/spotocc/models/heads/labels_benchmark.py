@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import statistics
@@ -237,6 +238,28 @@ def load_head_outputs(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, tup
             "are not [B, Q, C] and [B, Q, X, Y, Z]"
         )
     return class_probs, mask_logits, out_size  # type: ignore[return-value]
+
+
+def save_head_outputs(
+    path: str | Path, class_probs: torch.Tensor, mask_logits: torch.Tensor, out_size: tuple[int, int, int]
+) -> None:
+    """Write head outputs (``class_probs`` [B, Q, C], ``mask_logits`` [B, Q, X, Y, Z]) and the output
+    grid as the compressed ``.npz`` that :func:`load_head_outputs` reads, atomically."""
+    from spotocc.engine.atomic import write_bytes_atomic
+
+    if mask_logits.dim() != 5 or class_probs.dim() != 3 or class_probs.shape[:2] != mask_logits.shape[:2]:
+        raise ValueError(
+            f"class_probs {tuple(class_probs.shape)} and mask_logits {tuple(mask_logits.shape)} "
+            "are not [B, Q, C] and [B, Q, X, Y, Z]"
+        )
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer,
+        class_probs=class_probs.detach().float().cpu().numpy(),
+        mask_logits=mask_logits.detach().float().cpu().numpy(),
+        out_size=np.asarray(out_size, dtype=np.int64),
+    )
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def benchmark_labels(
