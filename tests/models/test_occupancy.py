@@ -119,3 +119,25 @@ def test_head_label_method_selects_the_label_formation(tiny_batch, head_type, mo
     assert torch.equal(direct, bounded)  # the bounded method is exact
     with pytest.raises(ValueError, match="label_method"):
         build_model(apply_overrides(copy.deepcopy(cfg), ["head.label_method=fast"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_type", ["spot", "sparseocc"])
+def test_whole_model_trains_and_predicts_under_cpu_autocast(tiny_batch, head_type, dtype):
+    """``--amp bf16|fp16`` on a CPU: every op of the real model runs, losses and gradients are finite."""
+    cfg, batch = tiny_batch
+    cfg = apply_overrides(copy.deepcopy(cfg), [f"head.type={head_type}"])
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    with torch.autocast("cpu", dtype=dtype):
+        losses = model.forward_train(batch)
+    assert all(v.dtype == torch.float32 for k, v in losses.items() if "loss" in k)  # losses in fp32
+    total = sum(v for k, v in losses.items() if "loss" in k)
+    assert torch.isfinite(total)
+    total.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    model.eval()
+    with torch.autocast("cpu", dtype=dtype):
+        labels = model.predict(batch)
+    assert labels.shape == (2, *cfg.grid.occ_size) and labels.dtype == torch.int64

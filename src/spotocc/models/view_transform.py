@@ -167,7 +167,12 @@ class DeformConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset = self.conv_offset(x)  # [B*N, 2*k*k, fH, fW]
-        return torchvision.ops.deform_conv2d(x, offset, self.weight, padding=self.padding)
+        # fp32 always: torchvision's CPU kernel has no bf16/fp16 version and autocast does not cover
+        # it on the CPU (on CUDA torchvision's autocast rule casts to fp32 too)
+        with torch.autocast(x.device.type, enabled=False):
+            return torchvision.ops.deform_conv2d(
+                x.float(), offset.float(), self.weight.float(), padding=self.padding
+            )  # [B*N, out, fH, fW]
 
 
 class DepthNet(nn.Module):
