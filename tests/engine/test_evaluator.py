@@ -15,6 +15,7 @@ from spotocc.engine.evaluator import (
     read_prediction,
     write_prediction,
 )
+from spotocc.visualization.charts import load_eval_json
 
 
 def _parse(module, argv):
@@ -40,6 +41,8 @@ def test_predict_then_eval_predictions_equals_direct_eval(tmp_path, checkpoint, 
     assert eval_cli.main(_parse(eval_cli, argv), **factories) == 0
     table = capsys.readouterr().out
     assert "SSC mIoU" in table and "5 samples scored" in table
+    quirk = toy_config().eval.class0_quirk
+    assert f"class-0 IoU: {'released' if quirk else 'plain'} (eval.class0_quirk={quirk})" in table
     argv = [str(checkpoint), "--input", "toy-5", "--out", str(preds), "--device", "cpu", "--no-progress"]
     assert predict_cli.main(_parse(predict_cli, argv), **factories) == 0
     files = sorted(p.relative_to(preds).as_posix() for p in preds.rglob("*.npz"))
@@ -52,6 +55,12 @@ def test_predict_then_eval_predictions_equals_direct_eval(tmp_path, checkpoint, 
     direct, saved = json.loads(direct_json.read_text()), json.loads(saved_json.read_text())
     assert direct["metrics"] == saved["metrics"] and direct["num_samples"] == saved["num_samples"] == 5
     assert "semkitti_SSC_mIoU" in direct["metrics"] and "semkitti_combined_IoU" in direct["metrics"]
+    chart_input = load_eval_json(direct_json)  # what `spotocc visualize chart` reads of this file
+    assert (
+        chart_input.class_set == "semantickitti"
+        and chart_input.miou == direct["metrics"]["semkitti_SSC_mIoU"]
+    )
+    assert chart_input.class_iou[0] == direct["metrics"]["semkitti_SSC_car_IoU"]
     # a preset instead of the checkpoint gives the same scores for saved predictions
     argv = ["synthetic_tiny", *_toy_overrides(), "--predictions", str(preds), "--json", str(saved_json)]
     assert eval_cli.main(_parse(eval_cli, argv), **factories) == 0

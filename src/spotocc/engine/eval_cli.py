@@ -103,6 +103,10 @@ def main(
             source = args.predictions if args.predictions is not None else args.checkpoint
             print(f"{cfg.name}: split {split!r}, {result.num_samples} samples scored, from {source}")
             print(format_ssc_table({"IoU (%)": result.metrics}, names))
+            quirk = "released (ignored voxels count as hits)" if cfg.eval.class0_quirk else "plain"
+            print(
+                f"class-0 IoU: {quirk} (eval.class0_quirk={cfg.eval.class0_quirk}); mIoU leaves class 0 out"
+            )
             if args.json:
                 out = {
                     "metrics": with_prefix(result.metrics, metric_prefix(cfg.data.class_set)),
