@@ -27,6 +27,22 @@ def test_released_head_settings():
     assert (kitti.num_classes, kitti.pruning_ratio, kitti.min_k) == (20, 0.1, 32)
 
 
+def test_released_augmentation_settings():
+    """Spec 01 sections 5.2-5.3: the same image-view augmentation for all paper presets; BEV flips
+    (p = 0.5 per axis) only for KITTI, since the released nuScenes pipeline discards its bda."""
+    for name in ("spotocc_nusc_256", "sparseocc_nusc_256", "spotocc_kitti", "sparseocc_kitti"):
+        aug = get_config(name).data.augmentation
+        assert (aug.resize_lim, aug.rot_lim, aug.flip, aug.crop_h, aug.resize_test) == (
+            (-0.06, 0.11),
+            (-5.4, 5.4),
+            True,
+            (0.0, 0.0),
+            0.0,
+        ), name
+        assert aug.bda == ("kitti" in name), name
+        assert (aug.flip_dx_ratio, aug.flip_dy_ratio, aug.flip_dz_ratio) == (0.5, 0.5, 0.5), name
+
+
 def test_grid_derived_sizes():
     assert get_config("spotocc_nusc_256").grid.lss_size == (128, 128, 10)
     assert get_config("spotocc_kitti").grid.lss_size == (128, 128, 16)

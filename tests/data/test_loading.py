@@ -33,9 +33,8 @@ def test_build_dataset_semantickitti_from_a_preset(tmp_path, tiny):
         build_dataset(_kitti_config(tiny, root, "data.format='kitti'"), "train")
 
 
-def test_build_dataset_nuscenes_from_a_preset(tmp_path, tiny):
-    paths = tiny.make_nusc_dataset(tmp_path)
-    cfg = get_config(
+def _nusc_config(tiny, paths):
+    return get_config(
         "spotocc_nusc_256",
         [
             f"data.root={str(paths['data_root'])!r}",
@@ -48,6 +47,11 @@ def test_build_dataset_nuscenes_from_a_preset(tmp_path, tiny):
             f"grid.occ_size={tiny.NUSC_OCC_SIZE}",
         ],
     )
+
+
+def test_build_dataset_nuscenes_from_a_preset(tmp_path, tiny):
+    paths = tiny.make_nusc_dataset(tmp_path)
+    cfg = _nusc_config(tiny, paths)
     train = build_dataset(cfg, "train")
     assert isinstance(train, NuScenesOccupancy) and train.train and train.bgr_input
     assert "gt_depth" in train[0] and "gt_depth" not in build_dataset(cfg, "val")[0]
@@ -83,3 +87,25 @@ def test_dataloader_with_two_workers(tmp_path, tiny):
     # Workers draw different augmentations (the per-sample generator comes from torch's seed).
     post = torch.cat([b["post_trans"][:, 0] for b in batches])
     assert len({tuple(p.tolist()) for p in post}) == 4
+
+
+def test_nuscenes_dataloader_with_two_workers(tmp_path, tiny):
+    paths = tiny.make_nusc_dataset(tmp_path, n_samples=4)
+    ds = build_dataset(_nusc_config(tiny, paths), "train")
+    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate, shuffle=False)
+    batches = list(loader)
+    assert [len(b["meta"]) for b in batches] == [2, 2]
+    assert [m["sample_id"] for b in batches for m in b["meta"]] == [
+        "sample3",
+        "sample2",
+        "sample1",
+        "sample0",
+    ]
+    for b in batches:
+        assert b["img"].shape == (2, len(tiny.NUSC_CAMERAS), 3, *tiny.NUSC_INPUT_SIZE)
+        assert b["gt_occ"].shape == (2, *tiny.NUSC_OCC_SIZE) and b["gt_depth"].shape[:2] == (
+            2,
+            len(tiny.NUSC_CAMERAS),
+        )
+    # the same samples read in the main process give the same ground truth
+    assert torch.equal(batches[1]["gt_occ"][0], ds[2]["gt_occ"])

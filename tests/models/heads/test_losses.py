@@ -298,3 +298,59 @@ def test_from_config_and_input_checks():
         _criterion(40)(cls, mask, gt)  # 3 * 40 candidates > 48 voxels
     with pytest.raises(ValueError, match="num_gts_list"):
         _criterion(8)(cls, mask, gt, *_dn_inputs(torch.stack([_grid([30, 0, 0, 18])])))
+
+
+def test_class_weights_equal_the_spec_tables():
+    """Spec 04 section 4 lists the released weights computed from the frequency arrays (4 decimals)."""
+    from spotocc.data.classes import SEMANTIC_KITTI_FREQUENCIES, point_sampling_weights
+
+    kitti_ce = cross_entropy_class_weights(SEMANTIC_KITTI_FREQUENCIES)
+    nusc_ce = cross_entropy_class_weights(NUSCENES_OCC_FREQUENCIES)
+    kitti_sampling = point_sampling_weights(SEMANTIC_KITTI_FREQUENCIES, 0.25)
+    nusc_sampling = point_sampling_weights(NUSCENES_OCC_FREQUENCIES, 0.25)
+    assert len(kitti_ce) == 21 and len(nusc_ce) == 18 and kitti_ce[-1] == nusc_ce[-1] == 0.1
+    expected = {
+        "kitti_ce": (kitti_ce, {0: 1.0, 1: 1.3523, 2: 1.9096, 9: 1.2495, 19: 1.7621}),
+        "nusc_ce": (nusc_ce, {1: 1.2244, 2: 1.6567, 11: 1.0037, 16: 1.0549}),
+        "kitti_sampling": (kitti_sampling, {0: 1.0, 1: 4.3043, 3: 14.6131, 15: 2.4182, 19: 11.2842}),
+        "nusc_sampling": (nusc_sampling, {1: 2.4604, 2: 7.0083, 11: 1.0184, 16: 1.2915}),
+    }
+    for name, (values, spot_values) in expected.items():
+        for index, value in spot_values.items():
+            assert values[index] == pytest.approx(value, abs=6e-5), (name, index)
+
+
+def test_matching_and_mask_losses_sample_points_with_the_released_weights_and_ratios(monkeypatch):
+    """Matching draws its points with (f_max / f)^0.25 per voxel class; the mask losses take their
+    candidates with the same weights and the random share uniformly, at ratios 3 / 0.75 by default."""
+    from spotocc.data.classes import point_sampling_weights
+    from spotocc.models.heads import losses
+
+    calls = {"match": [], "importance": []}
+    sample, importance = losses.sample_without_replacement, losses.importance_sample_points
+
+    def recording_sample(groups, weights, num, **kw):
+        calls["match"].append(weights.clone())
+        return sample(groups, weights, num, **kw)
+
+    def recording_importance(groups, logits, candidate_weights, random_weights, **kw):
+        calls["importance"].append((candidate_weights.clone(), random_weights.clone(), kw))
+        return importance(groups, logits, candidate_weights, random_weights, **kw)
+
+    monkeypatch.setattr(losses, "sample_without_replacement", recording_sample)
+    monkeypatch.setattr(losses, "importance_sample_points", recording_importance)
+    criterion = _criterion(8)  # the released ratios: HeadConfig's defaults
+    cfg = HeadConfig()
+    assert (cfg.oversample_ratio, cfg.importance_sample_ratio, cfg.sample_weight_gamma) == (3.0, 0.75, 0.25)
+    gt = torch.stack([_grid((30, 10, 4, 2), num_ignore=2, seed=1)])
+    cls, mask = _logits(1, 6, seed=3)
+    criterion(cls, mask, gt)
+
+    per_class = torch.tensor([*point_sampling_weights(FREQUENCIES, 0.25), 0.0], dtype=torch.float64)
+    uniform = torch.tensor([1.0] * NUM_CLASSES + [0.0], dtype=torch.float64)  # ignore group: never drawn
+    assert len(calls["match"]) == 1 and torch.equal(calls["match"][0], per_class[None])
+    assert len(calls["importance"]) == 1
+    candidates, randoms, kw = calls["importance"][0]
+    assert candidates.shape == randoms.shape == (4, NUM_CLASSES + 1)  # one row per matched GT class
+    assert torch.equal(candidates, per_class.expand(4, -1)) and torch.equal(randoms, uniform.expand(4, -1))
+    assert kw["oversample_ratio"] == 3.0 and kw["importance_sample_ratio"] == 0.75 and kw["num_points"] == 8
