@@ -86,3 +86,64 @@ def test_nuscenes_reader_returns_the_generated_ground_truth(tmp_path):
     assert np.array_equal(sample["gt_occ"].numpy(), expected)
     train = build_dataset(cfg, "train", train=True)[0]
     assert train["gt_depth"].shape == (6, 64, 112) and (train["gt_depth"] > 0).any()
+
+
+def _gt_depth_vs_render(sample, renders):
+    """Median relative difference between the reader's depth targets (augmented image frame) and the
+    renderer's depth at the source pixels they come from (the augmentation undone), and the count."""
+    diffs = []
+    for cam, render in enumerate(renders):
+        depth = sample["gt_depth"][cam]  # [H, W], 0 = no target
+        v, u = depth.nonzero(as_tuple=True)
+        aug_uv = torch.stack([u, v], dim=1).double()  # [P, 2]
+        rot, tran = sample["post_rots"][cam, :2, :2].double(), sample["post_trans"][cam, :2].double()
+        src = (torch.linalg.inv(rot) @ (aug_uv - tran).T).T.round().long()  # [P, 2] source (u, v)
+        rendered = torch.as_tensor(render.depth)
+        h, w = rendered.shape
+        inside = (src[:, 0] >= 0) & (src[:, 0] < w) & (src[:, 1] >= 0) & (src[:, 1] < h)
+        target = depth[v[inside], u[inside]].double()
+        seen = rendered[src[inside, 1], src[inside, 0]].double()
+        diffs.append((seen - target).abs() / target)
+    diffs = torch.cat(diffs)
+    return float(diffs.median()), diffs.numel()
+
+
+def test_semantickitti_depth_targets_under_augmentation_agree_with_the_rendered_depth(kitti_root):
+    cfg = kitti_root
+    dataset = build_dataset(cfg, "train", train=True)
+    synth = make_sample(
+        "semantickitti", "train", 0, seed=3, grid=cfg.grid, image_size=source_image_size(cfg.data)
+    )
+    torch.manual_seed(0)  # the reader's augmentation draws from torch's seed
+    for _ in range(3):  # three random augmentations of the same frame
+        sample = dataset[0]
+        assert not torch.equal(sample["post_rots"][0], torch.eye(3))  # resized / rotated / flipped
+        median, count = _gt_depth_vs_render(sample, synth.renders)
+        assert count > 100 and median < 0.05
+
+
+def test_nuscenes_depth_targets_under_augmentation_agree_with_the_rendered_depth(tmp_path):
+    grid = GridConfig(
+        point_cloud_range=(-51.2, -51.2, -5.0, 51.2, 51.2, 3.0), occ_size=(64, 64, 8), lss_downsample=4
+    )
+    summary = generate(
+        tmp_path, "nuscenes-occupancy", num_train=1, num_val=0, seed=6, grid=grid, image_size=(90, 160)
+    )
+    cfg = apply_overrides(
+        get_config("spotocc_nusc_256"), summary.data_overrides + ["data.input_size=(64, 112)"]
+    )
+    cfg.grid = grid
+    torch.manual_seed(0)  # the reader's augmentation draws from torch's seed
+    sample = build_dataset(cfg, "train", train=True)[0]
+    synth = make_sample("nuscenes-occupancy", "train", 0, seed=6, grid=grid, image_size=(90, 160))
+    render_of = {cam.name: render for cam, render in zip(synth.cameras, synth.renders)}
+    renders = [render_of[name] for name in cfg.data.cameras]  # the reader's camera order
+    assert sample["gt_depth"].shape == (6, 64, 112)
+    assert [bool(rot[0, 0] < 0) for rot in sample["post_rots"]].count(True) > 0  # some cameras flipped
+    for cam in range(6):
+        one = {"gt_depth": sample["gt_depth"][cam : cam + 1]}
+        one.update(
+            post_rots=sample["post_rots"][cam : cam + 1], post_trans=sample["post_trans"][cam : cam + 1]
+        )
+        median, count = _gt_depth_vs_render(one, renders[cam : cam + 1])
+        assert count > 100 and median < 0.05, cfg.data.cameras[cam]
