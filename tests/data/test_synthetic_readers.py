@@ -46,10 +46,8 @@ def test_semantickitti_reader_decodes_the_raw_label_and_invalid_files(tmp_path):
     """Without the released ``labels/*_1_1.npy`` the reader unpacks ``voxels/*.label|*.invalid``."""
     cfg = get_config("synthetic_tiny")
     size = source_image_size(cfg.data)
-    summary = generate(
-        tmp_path, "semantickitti", num_train=0, num_val=1, seed=4, grid=cfg.grid, image_size=size,
-        write_npy_labels=False,
-    )  # fmt: skip
+    options = {"grid": cfg.grid, "image_size": size, "write_npy_labels": False}
+    summary = generate(tmp_path, "semantickitti", num_train=0, num_val=1, seed=4, **options)
     assert not list(tmp_path.rglob("*.npy")) and list(tmp_path.rglob("*.invalid"))
     cfg = apply_overrides(cfg, summary.data_overrides)
     read = build_dataset(cfg, "val", train=False)[0]["gt_occ"].numpy()
