@@ -111,6 +111,25 @@ def test_cli_writes_json_with_every_stage(tmp_path, capsys):
     assert set(result["runs"]["synthetic_tiny"]["infer"]) == {*INFER_STAGES, "total"}
 
 
+def test_cli_compare_of_two_saved_configs_at_batch_2(tmp_path, capsys):
+    paths = []
+    for name, extra in (("spot_tiny", []), ("sparseocc_tiny", ["head.type=sparseocc"])):
+        cfg = get_config("synthetic_tiny", [*TINY, *extra])
+        cfg.name = name
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(cfg.to_json())
+    out = tmp_path / "compare.json"
+    argv = ["benchmark", "--compare", *map(str, paths), "--batch", "2", "--repeats", "1", "--warmup", "0"]
+    assert cli.main([*argv, "--mode", "infer", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "spot_tiny" in text and "sparseocc_tiny" in text and "B/A time" in text
+    result = json.loads(out.read_text())
+    assert (
+        result["setup"]["presets"] == ["spot_tiny", "sparseocc_tiny"] and result["setup"]["batch_size"] == 2
+    )
+    assert set(result["ratios"]["infer"]) == {*INFER_STAGES, "total"}
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
