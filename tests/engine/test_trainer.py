@@ -252,3 +252,28 @@ def test_logged_values_are_averaged_over_the_log_interval(tmp_path):
             expected = np.mean([every[i][key] for i in steps])
             assert record[key] == pytest.approx(expected, rel=1e-6), key
     assert windowed[0]["loss"] == pytest.approx(windowed[0]["loss_ce"] + windowed[0]["d0.loss_aux"], rel=1e-6)
+
+
+def test_tensorboard_gets_the_logged_train_and_val_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = toy_config(["train.tensorboard=true", "train.epochs=1", "train.log_interval=2"])
+    work_dir = tmp_path / "run"
+    train(
+        cfg,
+        work_dir=work_dir,
+        device="cpu",
+        model_factory=toy_model_factory,
+        dataset_factory=toy_dataset_factory,
+        show_progress=False,
+    )
+    events = EventAccumulator(str(work_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    logged = [r for r in read_metrics(work_dir / "metrics.jsonl") if r["type"] == "train"]
+    assert [e.step for e in events.Scalars("train/loss")] == [r["step"] for r in logged]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in logged])
+    val = [r for r in read_metrics(work_dir / "metrics.jsonl") if r["type"] == "val"]
+    miou_tags = [t for t in tags if t.startswith("val/") and t.endswith("SSC_mIoU")]
+    assert len(miou_tags) == 1 and len(val) == 1, sorted(tags)
+    assert events.Scalars(miou_tags[0])[0].value == pytest.approx(val[0][miou_tags[0][4:]])
