@@ -81,17 +81,32 @@ def test_semantickitti_sample_is_model_ready_and_geometry_matches_the_render(kit
     assert batch["gt_occ"].shape == (2, *cfg.grid.occ_size)
 
 
-def test_nuscenes_reader_returns_the_generated_ground_truth(tmp_path):
-    grid = GridConfig(
-        point_cloud_range=(-51.2, -51.2, -5.0, 51.2, 51.2, 3.0), occ_size=(64, 64, 8), lss_downsample=4
-    )
+NUSC_GRID = GridConfig(
+    point_cloud_range=(-51.2, -51.2, -5.0, 51.2, 51.2, 3.0), occ_size=(64, 64, 8), lss_downsample=4
+)
+
+
+def _nuscenes_config(root, *, num_val, seed, image_size):
+    """Generated nuScenes-Occupancy scenes (one train sample) read at 64x112 on a 64x64x8 grid."""
     summary = generate(
-        tmp_path, "nuscenes-occupancy", num_train=1, num_val=1, seed=5, grid=grid, image_size=(64, 112)
+        root,
+        "nuscenes-occupancy",
+        num_train=1,
+        num_val=num_val,
+        seed=seed,
+        grid=NUSC_GRID,
+        image_size=image_size,
     )
     cfg = apply_overrides(
         get_config("spotocc_nusc_256"), summary.data_overrides + ["data.input_size=(64, 112)"]
     )
-    cfg.grid = grid
+    cfg.grid = NUSC_GRID
+    return cfg
+
+
+def test_nuscenes_reader_returns_the_generated_ground_truth(tmp_path):
+    grid = NUSC_GRID
+    cfg = _nuscenes_config(tmp_path, num_val=1, seed=5, image_size=(64, 112))
     dataset = build_dataset(cfg, "val", train=False)
     sample = dataset[0]
     expected = make_sample("nuscenes-occupancy", "val", 0, seed=5, grid=grid, image_size=(64, 112)).gt
@@ -136,16 +151,8 @@ def test_semantickitti_depth_targets_under_augmentation_agree_with_the_rendered_
 
 
 def test_nuscenes_depth_targets_under_augmentation_agree_with_the_rendered_depth(tmp_path):
-    grid = GridConfig(
-        point_cloud_range=(-51.2, -51.2, -5.0, 51.2, 51.2, 3.0), occ_size=(64, 64, 8), lss_downsample=4
-    )
-    summary = generate(
-        tmp_path, "nuscenes-occupancy", num_train=1, num_val=0, seed=6, grid=grid, image_size=(90, 160)
-    )
-    cfg = apply_overrides(
-        get_config("spotocc_nusc_256"), summary.data_overrides + ["data.input_size=(64, 112)"]
-    )
-    cfg.grid = grid
+    grid = NUSC_GRID
+    cfg = _nuscenes_config(tmp_path, num_val=0, seed=6, image_size=(90, 160))
     torch.manual_seed(0)  # the reader's augmentation draws from torch's seed
     sample = build_dataset(cfg, "train", train=True)[0]
     synth = make_sample("nuscenes-occupancy", "train", 0, seed=6, grid=grid, image_size=(90, 160))

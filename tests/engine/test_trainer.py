@@ -81,6 +81,18 @@ def _assert_same_run(resumed: Path, reference: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _train_toy(cfg, work_dir: Path):
+    """The toy model and data, in this process on the CPU, without a progress bar."""
+    return train(
+        cfg,
+        work_dir=work_dir,
+        device="cpu",
+        model_factory=toy_model_factory,
+        dataset_factory=toy_dataset_factory,
+        show_progress=False,
+    )
+
+
 def _resumed_step(proc: subprocess.CompletedProcess) -> int:
     assert proc.stdout.count("resumed from") == 1, proc.stdout[-2000:]
     line = proc.stdout.split("resumed from", 1)[1].splitlines()[0]
@@ -132,14 +144,7 @@ def test_torchrun_two_processes_equal_one_process_with_the_same_global_batch(tmp
     assert "2 process(es) x batch 1 = effective batch 2" in proc.stdout
 
     torch.manual_seed(123)  # the run must not depend on the caller's RNG
-    train(
-        toy_config(["data.batch_size=2"]),
-        work_dir=single_dir,
-        device="cpu",
-        model_factory=toy_model_factory,
-        dataset_factory=toy_dataset_factory,
-        show_progress=False,
-    )
+    _train_toy(toy_config(["data.batch_size=2"]), single_dir)
     a, b = _weights(dist_dir), _weights(single_dir)
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=2e-5), key
@@ -176,14 +181,7 @@ def test_total_loss_sums_only_loss_entries():
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_runs_and_checkpoints_the_scaler(tmp_path, amp):
     cfg = toy_config([f"train.amp={amp}", "train.max_iters=3", "train.eval_interval=0"])
-    result = train(
-        cfg,
-        work_dir=tmp_path,
-        device="cpu",
-        model_factory=toy_model_factory,
-        dataset_factory=toy_dataset_factory,
-        show_progress=False,
-    )
+    result = _train_toy(cfg, tmp_path)
     assert result.global_step == 3
     losses = [loss for _, loss in _losses(tmp_path)]
     assert len(losses) == 3 and all(np.isfinite(losses))
@@ -198,14 +196,7 @@ def test_best_checkpoint_follows_ssc_miou(tmp_path, monkeypatch):
         return EvalResult(metrics={"SSC_mIoU": next(scores)}, counts={}, num_samples=len(dataset))
 
     monkeypatch.setattr(trainer_module, "evaluate", fake_evaluate)
-    result = train(
-        toy_config(["train.epochs=3"]),
-        work_dir=tmp_path,
-        device="cpu",
-        model_factory=toy_model_factory,
-        dataset_factory=toy_dataset_factory,
-        show_progress=False,
-    )
+    result = _train_toy(toy_config(["train.epochs=3"]), tmp_path)
     assert result.best_miou == 7.0
     best = load_checkpoint(tmp_path / "checkpoints" / "best")
     assert best.training_state["global_step"] == 12 and best.training_state["best_miou"] == 7.0
@@ -236,14 +227,7 @@ def test_logged_values_are_averaged_over_the_log_interval(tmp_path):
     for interval in (1, 4):
         cfg = toy_config([f"train.log_interval={interval}", "train.epochs=1", "train.eval_interval=0"])
         work_dir = tmp_path / str(interval)
-        train(
-            cfg,
-            work_dir=work_dir,
-            device="cpu",
-            model_factory=toy_model_factory,
-            dataset_factory=toy_dataset_factory,
-            show_progress=False,
-        )
+        _train_toy(cfg, work_dir)
         runs[interval] = [r for r in read_metrics(work_dir / "metrics.jsonl") if r["type"] == "train"]
     every, windowed = runs[1], runs[4]
     assert [r["step"] for r in windowed] == [4, 6]  # every 4 steps and at the epoch end
@@ -259,14 +243,7 @@ def test_tensorboard_gets_the_logged_train_and_val_scalars(tmp_path):
 
     cfg = toy_config(["train.tensorboard=true", "train.epochs=1", "train.log_interval=2"])
     work_dir = tmp_path / "run"
-    train(
-        cfg,
-        work_dir=work_dir,
-        device="cpu",
-        model_factory=toy_model_factory,
-        dataset_factory=toy_dataset_factory,
-        show_progress=False,
-    )
+    _train_toy(cfg, work_dir)
     events = EventAccumulator(str(work_dir / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
