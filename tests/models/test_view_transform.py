@@ -125,6 +125,23 @@ def test_geometry_hand_computed_point_and_voxel():
     assert inside[0, 0, 16, 2, 4] and index[0, 0, 16, 2, 4] == (77 * 128 + 66) * 10 + 6
 
 
+def test_geometry_hand_computed_voxel_with_image_flip_resize_and_a_bev_flip():
+    k = _pad4(torch.tensor([[100.0, 0.0, 88.0], [0.0, 100.0, 32.0], [0.0, 0.0, 1.0]]))
+    # image: resized by 0.5 and flipped, u' = 176 - 0.5 u, v' = 0.5 v; BEV: y -> -y
+    post_rot = torch.diag(torch.tensor([-0.5, 0.5, 1.0]))
+    post_tran = torch.tensor([176.0, 0.0, 0.0])
+    bda = torch.diag(torch.tensor([1.0, -1.0, 1.0, 1.0]))
+    cams = _cams(CAM_TO_LIDAR, torch.tensor([1.0, 0.5, 1.5]), k, post_rot, post_tran, bda)
+    points = frustum_to_grid(make_frustum(INPUT, 16, (2.0, 58.0, 0.5)), *cams)
+    # cell (d = 10 -> k 16, v' = 42 -> i 2, u' = 105 -> j 6) is the original pixel (142, 84): camera
+    # (5.4, 5.2, 10) -> LiDAR (10, -5.4, -5.2) + t = (11, -4.9, -3.7) -> flipped (11, 4.9, -3.7)
+    torch.testing.assert_close(points[0, 0, 16, 2, 6], torch.tensor([11.0, 4.9, -3.7]))
+    lower, dx = torch.tensor(NUSC_RANGE[:3]), torch.tensor([0.8] * 3)
+    index, inside = voxel_indices(points, lower, dx, (128, 128, 10))
+    # trunc(62.2 / 0.8) = 77, trunc(56.1 / 0.8) = 70, trunc(1.3 / 0.8) = 1
+    assert inside[0, 0, 16, 2, 6] and index[0, 0, 16, 2, 6] == (77 * 128 + 70) * 10 + 1
+
+
 def test_geometry_subtracts_the_kitti_projection_offset():
     p2 = torch.tensor([[100.0, 0.0, 88.0, 50.0], [0.0, 100.0, 32.0, 0.0], [0.0, 0.0, 1.0, 0.5], [0, 0, 0, 1]])
     cams = _cams(torch.eye(3), torch.zeros(3), p2)
