@@ -77,3 +77,21 @@ def test_prediction_animation_over_files(tmp_path):
     path, count = save_prediction_animation(tmp_path / "s.gif", files, "semantickitti", view_size=(120, 80))
     with Image.open(path) as gif:
         assert count == 3 and gif.n_frames == 3
+
+
+def test_mp4_written_by_the_real_ffmpeg_decodes_to_the_frames(tmp_path):
+    """imageio-ffmpeg (a dev dependency) brings an ffmpeg binary: encode, decode, compare."""
+    import imageio_ffmpeg
+
+    frames = _frames(4, height=24, width=40)
+    path, count = save_animation(tmp_path / "a.mp4", frames, fps=4)
+    assert count == 4
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    decoded = [np.frombuffer(f, dtype=np.uint8).reshape(24, 40, 3) for f in reader]
+    assert meta["size"] == (40, 24) and meta["fps"] == 4 and len(decoded) == 4
+    for frame, original in zip(decoded, frames):  # H.264 at crf 18: close, not exact
+        assert np.abs(frame.astype(int) - original.astype(int)).mean() < 6
+    # the red part grows by 5 columns per frame: columns 16-18 are white in frame 2, red in frame 3
+    assert decoded[2][:, 16:19].min() > 200
+    assert decoded[3][:, 16:19, 0].min() > 150 and decoded[3][:, 16:19, 1].max() < 90
