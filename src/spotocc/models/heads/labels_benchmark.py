@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spotocc.engine.atomic import write_bytes_atomic
 from spotocc.models.heads.labels import class_probs_from_logits, occupancy_labels
 
 # Class roles per preset: which class ids are ground regions, buildings, vegetation, vehicles and
@@ -232,12 +233,16 @@ def load_head_outputs(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, tup
         mask_logits = mask_logits[None]
     if class_probs.dim() == 2:
         class_probs = class_probs[None]
+    _check_head_shapes(class_probs, mask_logits, f"{path}: ")
+    return class_probs, mask_logits, out_size  # type: ignore[return-value]
+
+
+def _check_head_shapes(class_probs: torch.Tensor, mask_logits: torch.Tensor, where: str = "") -> None:
     if mask_logits.dim() != 5 or class_probs.dim() != 3 or class_probs.shape[:2] != mask_logits.shape[:2]:
         raise ValueError(
-            f"{path}: class_probs {tuple(class_probs.shape)} and mask_logits {tuple(mask_logits.shape)} "
+            f"{where}class_probs {tuple(class_probs.shape)} and mask_logits {tuple(mask_logits.shape)} "
             "are not [B, Q, C] and [B, Q, X, Y, Z]"
         )
-    return class_probs, mask_logits, out_size  # type: ignore[return-value]
 
 
 def save_head_outputs(
@@ -245,13 +250,7 @@ def save_head_outputs(
 ) -> None:
     """Write head outputs (``class_probs`` [B, Q, C], ``mask_logits`` [B, Q, X, Y, Z]) and the output
     grid as the compressed ``.npz`` that :func:`load_head_outputs` reads, atomically."""
-    from spotocc.engine.atomic import write_bytes_atomic
-
-    if mask_logits.dim() != 5 or class_probs.dim() != 3 or class_probs.shape[:2] != mask_logits.shape[:2]:
-        raise ValueError(
-            f"class_probs {tuple(class_probs.shape)} and mask_logits {tuple(mask_logits.shape)} "
-            "are not [B, Q, C] and [B, Q, X, Y, Z]"
-        )
+    _check_head_shapes(class_probs, mask_logits)
     buffer = io.BytesIO()
     np.savez_compressed(
         buffer,
