@@ -222,7 +222,7 @@ def test_batch_of_three_is_per_sample(device):
     "options",
     [
         {"chunk_bytes": 4096},
-        {"num_contenders": 2},  # cells with three contenders are evaluated whole, exactly
+        {"num_contenders": 2},  # cells with three contenders are bounded per class
         {"num_exact_queries": 1},  # more voxels fall back to the all-query evaluation
         {"num_exact_queries": 50, "num_contenders": 50},
         {"margin": 0.5},  # a huge margin only moves work to the exact stages
@@ -248,7 +248,7 @@ def test_every_stage_is_exercised_and_counted():
     for key in (
         "cells_certified_coarse",
         "cells_certified_refined",
-        "cells_exact",
+        "cells_many_contenders",
         "voxels_refined",
         "voxels_exact",
     ):

@@ -18,10 +18,13 @@ trilinear interpolation is a convex combination of the cell's 8 corner logits:
 2. Undecided cells: tighter bounds over the box spanned by the cell's output voxels only (3/4 of the
    cell per axis for 128 -> 512), and the class with the best lower bound ("lead") is compared with
    each other class pairwise, ``sum_q (p_qa - p_qc) s_q``, so queries weighing both alike cancel.
-   Classes the lead provably beats drop out; if none is left the cell is labelled whole.
+   Classes the lead provably beats drop out; if none is left the cell is labelled whole. Where many
+   classes are within reach of the lead, they all stay in contention, bounded per class (the
+   pairwise comparison costs k * k per query and rarely removes one of many).
 3. Still undecided: per voxel, only the few queries whose sigmoid varies in the cell and that
-   separate the remaining classes are evaluated exactly; the others stay bounded pairwise. Voxels
-   this cannot decide (within the bounds' width of a tie) get the formula with every query, from a
+   separate the remaining classes are evaluated exactly; the others stay bounded. Only the best
+   class at mid-range can be certified, so it is checked against each other contender. Voxels this
+   cannot decide (within the bounds' width of a tie) get the formula with every query, from a
    gather of their 8 corner rows.
 
 Voxels are evaluated in dense batches of cells with equal voxel counts per axis (no per-voxel Python
@@ -78,15 +81,16 @@ def occupancy_labels(
             chunks; the reference).
         chunk_bytes: bound on the size of the largest chunked intermediate tensor (default 16 MiB on
             CPU, where small chunks stay in cache, and 256 MiB on other devices).
-        num_contenders: classes compared per ambiguous cell ("bounded" only); a cell where more
-            classes can still win is evaluated exactly.
+        num_contenders: at most this many classes (the lead and its rivals) are compared pairwise per
+            ambiguous cell ("bounded" only); where more can still win, all of them are bounded per
+            class instead (looser, cheaper).
         num_exact_queries: queries evaluated per voxel in ambiguous cells ("bounded" only); the others
             stay bounded, and voxels where that is not enough are evaluated with all queries.
         margin: certify a label only if its score provably beats the others' by more than this; by
             default a bound on the float32 rounding error of the scores.
         stats: if given, cleared and filled ("bounded" only) with counts summed over the batch:
             ``cells``, ``cells_certified_coarse`` (stage 1), ``cells_certified_refined`` (stage 2),
-            ``cells_exact`` (more than ``num_contenders`` classes in contention), ``voxels``,
+            ``cells_many_contenders`` (more than ``num_contenders`` classes in reach), ``voxels``,
             ``voxels_refined`` (stage 3) and ``voxels_exact`` (evaluated with every query).
 
     Returns:

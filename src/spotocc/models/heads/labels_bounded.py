@@ -93,6 +93,7 @@ class _CellSummary:
     contenders: torch.Tensor  # [n, k] classes that may win
     chosen_corners: torch.Tensor  # [n, 2, 2, 2, ks] corner logits of the queries evaluated exactly
     weights: torch.Tensor  # [n, ks, k] their class probabilities ([n, ks, 1]: p_0 - p_1 when k == 2)
+    rest_centre: torch.Tensor  # [n, k] the other queries' part of each contender's score at mid-range
     rest_bound: torch.Tensor  # [n, k, k] lower bound of the other queries' part of score_a - score_b
 
     @staticmethod
@@ -147,12 +148,12 @@ class BoundedSolver:
         self.shape_key_per_cell = (
             (counts[0] * (my.out_size + 1) + counts[1]) * (mz.out_size + 1) + counts[2]
         ).view(-1)  # [cells]: equal for equal voxel counts per axis
-        self.num_rivals = min(num_contenders, self.num_classes - 1)  # compared pairwise with the lead
+        self.num_rivals = min(num_contenders - 1, self.num_classes - 1)  # compared pairwise with the lead
         self.stats = {
             "cells": 0,
             "cells_certified_coarse": 0,
             "cells_certified_refined": 0,
-            "cells_exact": 0,
+            "cells_many_contenders": 0,
             "voxels": out.numel(),
             "voxels_refined": 0,
             "voxels_exact": 0,
@@ -226,49 +227,70 @@ class BoundedSolver:
     # ---- stage 2: undecided cells, tighter bounds and pairwise comparison ---------------------------
 
     def _refine_cells(self, cells: torch.Tensor) -> None:
-        """Tighter bounds for a chunk of undecided cells; per-voxel work only where still needed."""
-        k, m = self.num_contenders, self.num_rivals
+        """Tighter bounds for a chunk of undecided cells; per-voxel work only where still needed.
+
+        Classes whose upper bound reaches the lead's lower bound stay in contention. Where at most
+        ``num_rivals`` do, each is compared with the lead pairwise (tighter: queries weighing both
+        alike cancel); where more do, all of them contend and are bounded per class.
+        """
+        m = self.num_rivals
         corners = self._gather_corners(cells, "cell_corners")  # [n, 2, 2, 2, Q]
         s_lo, s_hi = self._sub_box_sigmoid_bounds(cells, corners)  # [n, Q] each
         score_lo = s_lo @ self.p  # [n, C]
         lead = score_lo.argmax(dim=1, keepdim=True)  # [n, 1]: the class with the best lower bound
         others_hi = (s_hi @ self.p).scatter_(1, lead, -math.inf)  # [n, C]
-        top_hi, rivals = others_hi.topk(min(m + 1, self.num_classes - 1), dim=1)  # by upper bound
-        rivals = rivals[:, :m]  # [n, m]
-        if top_hi.shape[1] > m:  # the classes after the m rivals must lose on interval bounds alone
-            beyond_ok = top_hi[:, m] < score_lo.gather(1, lead).squeeze(1) - self.margin
-        else:
-            beyond_ok = torch.ones_like(lead.squeeze(1), dtype=torch.bool)
-        # Lower bound of score_lead - score_rival: sum_q w_q mid_q - |w_q| half_q, w = p_lead - p_rival.
+        in_reach = others_hi >= score_lo.gather(1, lead) - self.margin  # [n, C]: may beat the lead
+        num_in_reach = in_reach.sum(dim=1)  # [n]
         mid, half = (s_lo + s_hi) * 0.5, (s_hi - s_lo) * 0.5
-        score_mid = mid @ self.p  # [n, C]
-        centre = score_mid.gather(1, lead) - score_mid.gather(1, rivals)  # [n, m]
-        pt = self.p.t()  # [C, Q]
-        n = cells.numel()
-        weight = torch.index_select(
-            pt, 0, rivals.reshape(-1), out=self.workspace.get("rivals", (n * m, pt.shape[1]))
-        )
-        weight = (
-            weight.view(n, m, -1).sub_(pt.index_select(0, lead.squeeze(1)).unsqueeze(1)).abs_()
-        )  # [n, m, Q]
-        spread = torch.bmm(weight, half.unsqueeze(2)).squeeze(2)
-        alive = centre - spread <= self.margin  # [n, m]: rivals that might beat the lead somewhere
-        num_alive = alive.sum(dim=1)
-        certified = beyond_ok & (num_alive == 0)
+        few = (num_in_reach <= m).nonzero().squeeze(1)  # rows compared pairwise
+        many = (num_in_reach > m).nonzero().squeeze(1)  # rows bounded per class
+        # Per row, the classes that may win: the lead first, then the rivals that may beat it.
+        contenders = lead.expand(-1, self.num_classes).clone()  # [n, C], padded with the lead
+        num_alive = num_in_reach.clone()  # [n]
+        if many.numel():  # every class in reach, by descending upper bound
+            reach = others_hi[many].scatter_(1, lead[many], math.inf)
+            contenders[many] = reach.argsort(dim=1, descending=True)
+        if few.numel() and m > 0:
+            rivals = others_hi[few].topk(m, dim=1).indices  # [f, m]: every class in reach is among them
+            alive = self._pairwise_alive(mid[few], half[few], lead[few], rivals)  # [f, m]
+            num_alive[few] = alive.sum(dim=1)
+            order = torch.sort(alive.byte(), dim=1, descending=True, stable=True).indices
+            contenders[few, 1 : m + 1] = rivals.gather(1, order)  # the rivals alive first
+        certified = num_alive == 0
         self._queue_cell_labels(cells[certified], lead[certified].squeeze(1))
         self.stats["cells_certified_refined"] += int(certified.sum())
+        self.stats["cells_many_contenders"] += many.numel()
+        # The rest, in a few groups by regime and padded number of contenders (powers of two).
+        count = num_alive + 1  # [n] contenders per row
+        bucket = torch.where(certified, 0, _next_power_of_two(count).clamp(max=self.num_classes))
+        pairwise = num_in_reach <= m
+        columns = torch.arange(self.num_classes, device=self.device)
+        for k in torch.unique(bucket[~certified]).tolist():
+            for regime in (True, False):
+                group = ((bucket == k) & (pairwise == regime)).nonzero().squeeze(1)
+                if group.numel() == 0:
+                    continue
+                padded = torch.where(columns[:k] < count[group, None], contenders[group, :k], lead[group])
+                self._refine_voxels(group, cells, corners, mid, half, padded, count[group], pairwise=regime)
 
-        exact = ~beyond_ok | (num_alive >= k)  # more than k classes may win: evaluate the cell exactly
-        if bool(exact.any()):
-            self.stats["cells_exact"] += int(exact.sum())
-            self._exact_cells(cells[exact])
-        # The rest, grouped by how many classes contend: the lead, then the rivals alive.
-        todo = ~certified & ~exact
-        ranked = rivals.gather(1, torch.sort(alive.byte(), dim=1, descending=True, stable=True).indices)
-        for count in torch.unique(num_alive[todo]).tolist():
-            group = (todo & (num_alive == count)).nonzero().squeeze(1)
-            contenders = torch.cat((lead[group], ranked[group, :count]), dim=1)  # [g, count + 1]
-            self._refine_voxels(group, cells, corners, mid, half, contenders)
+    def _pairwise_alive(
+        self, mid: torch.Tensor, half: torch.Tensor, lead: torch.Tensor, rivals: torch.Tensor
+    ) -> torch.Tensor:
+        """[f, m] whether each rival might beat the lead somewhere in the cell.
+
+        Lower bound of score_lead - score_rival: sum_q w_q mid_q - |w_q| half_q, w = p_lead - p_rival.
+        """
+        f, m = rivals.shape
+        score_mid = mid @ self.p  # [f, C]
+        centre = score_mid.gather(1, lead) - score_mid.gather(1, rivals)  # [f, m]
+        pt = self.p.t()  # [C, Q]
+        weight = torch.index_select(
+            pt, 0, rivals.reshape(-1), out=self.workspace.get("rivals", (f * m, pt.shape[1]))
+        )
+        lead_row = pt.index_select(0, lead.squeeze(1)).unsqueeze(1)  # [f, 1, Q]
+        weight = weight.view(f, m, -1).sub_(lead_row).abs_()  # [f, m, Q]
+        spread = torch.bmm(weight, half.unsqueeze(2)).squeeze(2)  # [f, m]
+        return centre - spread <= self.margin
 
     def _sub_box_sigmoid_bounds(
         self, cells: torch.Tensor, corners: torch.Tensor
@@ -301,14 +323,20 @@ class BoundedSolver:
         mid: torch.Tensor,
         half: torch.Tensor,
         contenders: torch.Tensor,
+        num_valid: torch.Tensor,
+        *,
+        pairwise: bool,
     ) -> None:
-        """Per voxel: the queries that separate the contenders exactly, the others bounded pairwise.
+        """Per voxel: the queries that separate the contenders exactly, the others bounded.
 
         Args:
             group: [g] rows of the chunk's ``cells`` [n] to refine; ``contenders`` [g, k] are the classes
-                that may win in each (all others provably lose).
+                that may win in each (all others provably lose), the first ``num_valid`` [g] of each row
+                (the others repeat the first and are ignored).
             corners: the chunk's corner logits [n, 2, 2, 2, Q]; mid, half: centre and half-width of each
                 query's sigmoid range in the cell, [n, Q].
+            pairwise: bound the other queries' part of each score difference pairwise (tighter, k * k
+                work per query) or per class (k).
 
         Only a compact summary per cell is kept (the chosen queries' corners and weights, the bound on
         the rest); it is queued per k and evaluated in large batches.
@@ -317,7 +345,16 @@ class BoundedSolver:
         step = max(1, self.chunk_bytes // (4 * self.num_queries * k * k))  # [g, k, k, Q] pairwise terms
         for start in range(0, group.numel(), step):
             rows = group[start : start + step]
-            summary = self._summarise_cells(rows, cells, corners, mid, half, contenders[start : start + step])
+            summary = self._summarise_cells(
+                rows,
+                cells,
+                corners,
+                mid,
+                half,
+                contenders[start : start + step],
+                num_valid[start : start + step],
+                pairwise,
+            )
             queue = self.voxel_queue.setdefault(k, [])
             queue.append(summary)
             self.voxels_queued[k] = self.voxels_queued.get(k, 0) + int(
@@ -338,6 +375,8 @@ class BoundedSolver:
         mid: torch.Tensor,
         half: torch.Tensor,
         contenders: torch.Tensor,
+        num_valid: torch.Tensor,
+        pairwise: bool,
     ) -> _CellSummary:
         n, k, ks = rows.numel(), contenders.shape[1], self.num_exact_queries
         mid, half = mid[rows], half[rows]  # [n, Q]
@@ -346,7 +385,16 @@ class BoundedSolver:
         importance = half * (p_k.amax(dim=1) - p_k.amin(dim=1))  # [n, Q]
         chosen = importance.topk(ks, dim=1).indices  # [n, ks]
         rest = torch.ones_like(mid).scatter_(1, chosen, 0.0)
-        rest_bound = _pairwise_lower_bound(p_k, mid * rest, half * rest)  # [n, k, k]
+        rest_mid, rest_half = mid * rest, half * rest  # [n, Q]: zero at the chosen queries
+        rest_centre = torch.bmm(p_k, rest_mid.unsqueeze(2)).squeeze(2)  # [n, k]
+        if pairwise:
+            rest_bound = _pairwise_lower_bound(p_k, rest_mid, rest_half)  # [n, k, k]
+        else:
+            rest_bound = _per_class_lower_bound(p_k, rest_centre, rest_half)
+        padding = torch.arange(k, device=self.device) >= num_valid.unsqueeze(1)  # [n, k]
+        if bool(padding.any()):  # padding never leads, and every contender beats it
+            rest_centre = rest_centre.masked_fill(padding, -math.inf)
+            rest_bound = rest_bound.masked_fill(padding.unsqueeze(1), math.inf)
         weights = p_k.gather(2, chosen.unsqueeze(1).expand(n, k, ks)).transpose(1, 2)  # [n, ks, k]
         if k == 2:  # the common case: one score difference per voxel
             weights = weights[:, :, :1] - weights[:, :, 1:]  # [n, ks, 1]
@@ -355,7 +403,12 @@ class BoundedSolver:
             rows.view(-1, 1, 1), corner, chosen.unsqueeze(1)
         ]
         return _CellSummary(
-            cells[rows], contenders, chosen_corners.view(n, 2, 2, 2, ks), weights.contiguous(), rest_bound
+            cells[rows],
+            contenders,
+            chosen_corners.view(n, 2, 2, 2, ks),
+            weights.contiguous(),
+            rest_centre,
+            rest_bound,
         )
 
     def _flush_voxel_queue(self, k: int) -> None:
@@ -379,10 +432,13 @@ class BoundedSolver:
                 decided = first | second
                 best = torch.where(first, contenders[:, :1], contenders[:, 1:])  # [b, V]
             else:
-                diff = scores.unsqueeze(3) - scores.unsqueeze(2) + bound.unsqueeze(1)  # [b, V, k, k]
-                winner_ok = diff.amin(dim=3) > self.margin  # [b, V, k]
-                decided = winner_ok.any(dim=2)  # [b, V]
-                best = contenders.gather(1, winner_ok.byte().argmax(dim=2))  # [b, V]
+                # Only the best contender at mid-range can be certified (each bound is at most the
+                # mid-range difference); check it against every other contender.
+                lead = (scores + summary.rest_centre[pos].unsqueeze(1)).argmax(dim=2)  # [b, V]
+                lead_bound = bound.gather(1, lead.unsqueeze(2).expand_as(scores))  # [b, V, k]: row lead
+                lead_score = scores.gather(2, lead.unsqueeze(2))  # [b, V, 1]
+                decided = (lead_score - scores + lead_bound).amin(dim=2) > self.margin  # [b, V]
+                best = contenders.gather(1, lead)  # [b, V]
             # undecided voxels get a placeholder here and their exact label when that queue is flushed
             self.out_flat[block.flat(self.out_size)] = best
             self.stats["voxels_refined"] += decided.numel()
@@ -391,14 +447,6 @@ class BoundedSolver:
                 self._queue_exact_voxels(*block.coords(undecided))
 
     # ---- exact evaluation (all queries, all classes) ------------------------------------------------
-
-    def _exact_cells(self, cells: torch.Tensor) -> None:
-        for block in self._blocks(cells, 4 * self.num_queries):  # [b, V, Q] logits
-            sig = torch.sigmoid_(
-                block.interpolate(self._gather_corners(block.cells), self.workspace)
-            )  # [b, V, Q]
-            self.out_flat[block.flat(self.out_size)] = (sig @ self.p).argmax(dim=2)
-            self.stats["voxels_exact"] += sig.shape[0] * sig.shape[1]
 
     def _queue_exact_voxels(self, ox: torch.Tensor, oy: torch.Tensor, oz: torch.Tensor) -> None:
         """Collect voxels for ``_exact_voxels``; evaluated in batches (few voxels come per block)."""
@@ -550,6 +598,23 @@ def _pairwise_lower_bound(p_k: torch.Tensor, mid: torch.Tensor, half: torch.Tens
     bound = centre.unsqueeze(2) - centre.unsqueeze(1) - spread
     bound.diagonal(dim1=1, dim2=2).fill_(math.inf)  # a class need not beat itself
     return bound
+
+
+def _per_class_lower_bound(p_k: torch.Tensor, centre: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    """Looser bounds [n, k, k] than ``_pairwise_lower_bound`` in k instead of k * k work per query.
+
+    Each score lies in ``centre_a -+ sum_q p_qa half_q``, so score_a - score_b is at least the
+    difference of the centres less both half-widths.
+    """
+    width = torch.bmm(p_k, half.unsqueeze(2)).squeeze(2)  # [n, k]
+    bound = (centre - width).unsqueeze(2) - (centre + width).unsqueeze(1)
+    bound.diagonal(dim1=1, dim2=2).fill_(math.inf)
+    return bound
+
+
+def _next_power_of_two(count: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= each count (counts >= 1)."""
+    return torch.pow(2, torch.ceil(torch.log2(count.double()))).long()
 
 
 def _corner_weights(tx: torch.Tensor, ty: torch.Tensor, tz: torch.Tensor) -> torch.Tensor:
