@@ -39,6 +39,7 @@ import torch
 
 from spotocc.models.heads.labels_axis import AxisMap, axis_map
 from spotocc.models.heads.labels_bounded import BoundedSolver
+from spotocc.models.heads.labels_voxels import VoxelWriter, Workspace
 
 METHODS = ("bounded", "direct")
 _FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
@@ -116,27 +117,40 @@ def occupancy_labels(
     maps = tuple(axis_map(n, m, probs.device) for n, m in zip(logits.shape[2:], out_size))
     if stats is not None:
         stats.clear()
+    if method == "direct":
+        for b in range(batch):
+            _direct_labels(probs[b].float(), logits[b].float(), maps, labels[b], chunk_bytes)
+        return labels
+    margin = _rounding_margin(probs.float(), largest_logit) if margin is None else float(margin)
+    # The per-voxel stage is shared by the batch: small samples still make large batches of voxels.
+    writer = VoxelWriter(
+        maps=maps,
+        out=labels,
+        chunk_bytes=chunk_bytes,
+        num_exact_queries=min(num_exact_queries, num_queries),
+        margin=margin,
+        workspace=Workspace(probs.device),
+    )
+    cell_stats: dict[str, int] = {}
     for b in range(batch):
-        p = probs[b].float()  # [Q, C]
-        volume = logits[b].float()  # [Q, X, Y, Z]
-        if method == "direct":
-            _direct_labels(p, volume, maps, labels[b], chunk_bytes)
-        else:
-            sample_margin = _rounding_margin(p, largest_logit) if margin is None else float(margin)
-            solver = BoundedSolver(
-                p=p,
-                logits=volume,
-                maps=maps,
-                out=labels[b],
-                chunk_bytes=chunk_bytes,
-                num_contenders=min(num_contenders, num_classes),
-                num_exact_queries=min(num_exact_queries, num_queries),
-                margin=sample_margin,
-            )
-            solver.run()
-            if stats is not None:
-                for key, value in solver.stats.items():
-                    stats[key] = stats.get(key, 0) + value
+        solver = BoundedSolver(
+            p=probs[b].float(),  # [Q, C]
+            logits=logits[b].float(),  # [Q, X, Y, Z]
+            maps=maps,
+            out=labels[b],
+            writer=writer,
+            sample=b,
+            chunk_bytes=chunk_bytes,
+            num_contenders=min(num_contenders, num_classes),
+            num_exact_queries=min(num_exact_queries, num_queries),
+            margin=margin,
+        )
+        solver.run()
+        for key, value in solver.stats.items():
+            cell_stats[key] = cell_stats.get(key, 0) + value
+    writer.flush()
+    if stats is not None:
+        stats.update(cell_stats, voxels=labels.numel(), **writer.stats)
     return labels
 
 
@@ -197,8 +211,8 @@ def _rounding_margin(p: torch.Tensor, largest_logit: float) -> float:
     by at most 1/4, and summing Q terms weighted by p adds up to Q ulps of the largest class total.
     A safety factor of 2 over that estimate keeps certification conservative.
     """
-    num_queries = p.shape[0]
-    largest_total = max(1.0, float(p.sum(dim=0).max()))
+    num_queries = p.shape[-2]
+    largest_total = max(1.0, float(p.sum(dim=-2).max()))
     return 4.0 * _FLOAT32_EPS * largest_total * (2.0 * largest_logit + num_queries + 2.0)
 
 

@@ -1,109 +1,22 @@
-"""The bounded method of ``occupancy_labels``: labels certified per low-res cell, refined where needed.
+"""Per-sample bounds of ``occupancy_labels(method="bounded")``: labels certified per low-res cell.
 
-See ``spotocc.models.heads.labels`` for the idea; ``BoundedSolver`` labels one sample.
+See ``spotocc.models.heads.labels`` for the idea. ``BoundedSolver`` decides one sample's cells from
+bounds (stages 1 and 2) and hands the cells it cannot decide whole to the batch's ``VoxelWriter``
+as compact summaries (stage 3 runs there, batched across samples).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 
 import torch
 
 from spotocc.models.heads.labels_axis import AxisMap
-
-
-class _Workspace:
-    """Buffers reused across chunks for a call's largest temporaries.
-
-    A fresh multi-megabyte CPU allocation is usually handed back to the OS when freed, so every
-    chunk would page-fault its temporaries in again (a third of the bounded method's time here).
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A buffer of ``shape``; the previous contents of ``name`` become invalid."""
-        numel = math.prod(shape)
-        buffer = self.buffers.get(name)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
-            buffer = torch.empty(numel, dtype=dtype, device=self.device)
-            self.buffers[name] = buffer
-        return buffer[:numel].view(shape)
-
-
-@dataclass(frozen=True)
-class _Block:
-    """Cells whose output voxels form equally shaped [nx, ny, nz] blocks, evaluated as one batch."""
-
-    positions: torch.Tensor  # [n] int64: index of each cell in the caller's list of cells
-    cells: torch.Tensor  # [n] int64 flat cell ids
-    ox: torch.Tensor  # [n, nx] int64 output x index of each cell's voxels
-    oy: torch.Tensor  # [n, ny]
-    oz: torch.Tensor  # [n, nz]
-    tx: torch.Tensor  # [n, nx] float32 weight of the upper corner
-    ty: torch.Tensor  # [n, ny]
-    tz: torch.Tensor  # [n, nz]
-
-    def flat(self, out_size: tuple[int, int, int]) -> torch.Tensor:
-        """Flat output indices [n, V] (V = nx * ny * nz, x-major)."""
-        _, ys, zs = out_size
-        flat = (self.ox[:, :, None, None] * ys + self.oy[:, None, :, None]) * zs + self.oz[:, None, None, :]
-        return flat.view(self.cells.numel(), -1)
-
-    def coords(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Output (x, y, z) indices of the voxels where ``mask`` [n, V] is true."""
-        ny, nz = self.oy.shape[1], self.oz.shape[1]
-        cell, voxel = mask.nonzero().unbind(1)
-        return (
-            self.ox[cell, voxel // (ny * nz)],
-            self.oy[cell, (voxel // nz) % ny],
-            self.oz[cell, voxel % nz],
-        )
-
-    def interpolate(self, corners: torch.Tensor, workspace: _Workspace) -> torch.Tensor:
-        """Trilinear values [n, V, J] at the voxels from cell corner values [n, 2, 2, 2, J]."""
-        n, j = corners.shape[0], corners.shape[-1]
-        nx, ny, nz = self.tx.shape[1], self.ty.shape[1], self.tz.shape[1]
-        v = torch.lerp(
-            corners[:, :, :, :1],
-            corners[:, :, :, 1:],
-            self.tz.view(n, 1, 1, nz, 1),
-            out=workspace.get("lerp_z", (n, 2, 2, nz, j)),
-        )
-        v = torch.lerp(
-            v[:, :, :1],
-            v[:, :, 1:],
-            self.ty.view(n, 1, ny, 1, 1),
-            out=workspace.get("lerp_y", (n, 2, ny, nz, j)),
-        )
-        v = torch.lerp(
-            v[:, :1], v[:, 1:], self.tx.view(n, nx, 1, 1, 1), out=workspace.get("lerp_x", (n, nx, ny, nz, j))
-        )
-        return v.view(n, -1, j)
-
-
-@dataclass(frozen=True)
-class _CellSummary:
-    """What the per-voxel stage needs of a cell: a few queries' corners and weights, a bound on the rest."""
-
-    cells: torch.Tensor  # [n] flat cell ids
-    contenders: torch.Tensor  # [n, k] classes that may win
-    chosen_corners: torch.Tensor  # [n, 2, 2, 2, ks] corner logits of the queries evaluated exactly
-    weights: torch.Tensor  # [n, ks, k] their class probabilities ([n, ks, 1]: p_0 - p_1 when k == 2)
-    rest_centre: torch.Tensor  # [n, k] the other queries' part of each contender's score at mid-range
-    rest_bound: torch.Tensor  # [n, k, k] lower bound of the other queries' part of score_a - score_b
-
-    @staticmethod
-    def concatenate(parts: list[_CellSummary]) -> _CellSummary:
-        names = [f.name for f in fields(_CellSummary)]
-        return _CellSummary(**{name: torch.cat([getattr(part, name) for part in parts]) for name in names})
+from spotocc.models.heads.labels_voxels import CellSummary, VoxelWriter, Workspace, corner_rows
 
 
 class BoundedSolver:
-    """Labels of one sample by interval bounds per cell, refined only where the bounds cannot decide."""
+    """One sample's labels by interval bounds per cell; the per-voxel rest goes to ``writer``."""
 
     def __init__(
         self,
@@ -112,6 +25,8 @@ class BoundedSolver:
         logits: torch.Tensor,
         maps: tuple[AxisMap, ...],
         out: torch.Tensor,
+        writer: VoxelWriter,
+        sample: int,
         chunk_bytes: int,
         num_contenders: int,
         num_exact_queries: int,
@@ -120,9 +35,10 @@ class BoundedSolver:
         self.p = p  # [Q, C]
         self.logits = logits  # [Q, X, Y, Z]
         self.maps = maps
-        self.out = out  # [X', Y', Z'] int64, written in place
-        self.out_flat = out.view(-1)
-        self.out_size = tuple(out.shape)
+        self.out = out  # [X', Y', Z'] int64: this sample's part of the writer's output
+        self.writer = writer
+        self.sample = sample
+        self.cell_offset = sample * writer.cells_per_sample  # local -> global cell ids
         self.chunk_bytes = chunk_bytes
         self.num_contenders = num_contenders
         self.num_exact_queries = num_exact_queries
@@ -132,40 +48,22 @@ class BoundedSolver:
         self.cells_shape = tuple(m.num_cells for m in maps)
         self.device = p.device
         self.rows = torch.empty(0)  # [X*Y*Z, Q] logits per low-res voxel, built when first needed
-        self.workspace = _Workspace(p.device)
-        # Chunk sizes count the largest tensor of a step (the others are smaller or few).
-        # voxels per batch of the all-query evaluation: [v, 8, Q] corners
-        self.exact_step = max(1, chunk_bytes // (32 * self.num_queries))
-        self.exact_queue: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.exact_queued = 0
-        self.voxel_queue: dict[int, list[_CellSummary]] = {}  # per number of contenders
-        self.voxels_queued: dict[int, int] = {}
-        self.cell_queue: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.cells_queued = 0
-        mx, my, mz = maps
-        counts = (mx.count.view(-1, 1, 1), my.count.view(1, -1, 1), mz.count.view(1, 1, -1))
-        self.voxels_per_cell = (counts[0] * counts[1] * counts[2]).view(-1)  # [cells]
-        self.shape_key_per_cell = (
-            (counts[0] * (my.out_size + 1) + counts[1]) * (mz.out_size + 1) + counts[2]
-        ).view(-1)  # [cells]: equal for equal voxel counts per axis
+        self.workspace = writer.workspace
         self.num_rivals = min(num_contenders - 1, self.num_classes - 1)  # compared pairwise with the lead
         self.stats = {
             "cells": 0,
             "cells_certified_coarse": 0,
             "cells_certified_refined": 0,
             "cells_many_contenders": 0,
-            "voxels": out.numel(),
-            "voxels_refined": 0,
-            "voxels_exact": 0,
         }
 
     def run(self) -> None:
         cell_labels = self._coarse_cell_labels()  # [ncx, ncy, ncz], -1 = undecided
         self._fill_from_cells(cell_labels)
         undecided = (cell_labels.view(-1) < 0).nonzero().squeeze(1)  # flat cell ids
-        undecided = undecided[self._cell_voxel_counts(undecided) > 0]  # cells without outputs need nothing
+        undecided = undecided[self.writer.voxel_counts(undecided) > 0]  # cells without outputs need nothing
         # cells with equal voxel counts per axis next to each other: fewer, larger blocks later
-        undecided = undecided[torch.sort(self._shape_key(undecided), stable=True).indices]
+        undecided = undecided[torch.sort(self.writer.shape_key(undecided), stable=True).indices]
         self.stats["cells"] = cell_labels.numel()
         self.stats["cells_certified_coarse"] = cell_labels.numel() - int((cell_labels < 0).sum())
         if undecided.numel() == 0:
@@ -173,13 +71,11 @@ class BoundedSolver:
         # One row of Q logits per low-res voxel: a cell's corners for every query are 8 row gathers.
         # (a 2-D transpose: torch copies those blockwise, twice as fast as the 4-D permute)
         self.rows = self.logits.reshape(self.num_queries, -1).t().contiguous()  # [X*Y*Z, Q]
+        self.writer.add_sample(self.sample, self.p, self.rows)
         step = max(1, self.chunk_bytes // (32 * self.num_queries))  # [n, 8, Q] corners per chunk
         for start in range(0, undecided.numel(), step):
             self._refine_cells(undecided[start : start + step])
-        for k in list(self.voxel_queue):
-            self._flush_voxel_queue(k)
-        self._flush_cell_labels()
-        self._flush_exact_voxels()
+        self.writer.sample_done()
 
     # ---- stage 1: every cell, interval bounds from its 8 corners ------------------------------------
 
@@ -234,7 +130,7 @@ class BoundedSolver:
         alike cancel); where more do, all of them contend and are bounded per class.
         """
         m = self.num_rivals
-        corners = self._gather_corners(cells, "cell_corners")  # [n, 2, 2, 2, Q]
+        corners = self._gather_corners(cells)  # [n, 2, 2, 2, Q]
         s_lo, s_hi = self._sub_box_sigmoid_bounds(cells, corners)  # [n, Q] each
         score_lo = s_lo @ self.p  # [n, C]
         lead = score_lo.argmax(dim=1, keepdim=True)  # [n, 1]: the class with the best lower bound
@@ -257,7 +153,7 @@ class BoundedSolver:
             order = torch.sort(alive.byte(), dim=1, descending=True, stable=True).indices
             contenders[few, 1 : m + 1] = rivals.gather(1, order)  # the rivals alive first
         certified = num_alive == 0
-        self._queue_cell_labels(cells[certified], lead[certified].squeeze(1))
+        self.writer.queue_cell_labels(cells[certified] + self.cell_offset, lead[certified].squeeze(1))
         self.stats["cells_certified_refined"] += int(certified.sum())
         self.stats["cells_many_contenders"] += many.numel()
         # The rest, in a few groups by regime and padded number of contenders (powers of two).
@@ -355,17 +251,7 @@ class BoundedSolver:
                 num_valid[start : start + step],
                 pairwise,
             )
-            queue = self.voxel_queue.setdefault(k, [])
-            queue.append(summary)
-            self.voxels_queued[k] = self.voxels_queued.get(k, 0) + int(
-                self._cell_voxel_counts(summary.cells).sum()
-            )
-            if self.voxels_queued[k] >= 4 * self.voxel_step(k):  # a few full blocks per shape group
-                self._flush_voxel_queue(k)
-
-    def voxel_step(self, k: int) -> int:
-        """Voxels per block of the per-voxel stage with k contenders: [v, ks] logits, [v, k, k] bounds."""
-        return max(1, self.chunk_bytes // max(4 * self.num_exact_queries, 4 * k * k, 8))
+            self.writer.queue_summary(summary)
 
     def _summarise_cells(
         self,
@@ -377,7 +263,7 @@ class BoundedSolver:
         contenders: torch.Tensor,
         num_valid: torch.Tensor,
         pairwise: bool,
-    ) -> _CellSummary:
+    ) -> CellSummary:
         n, k, ks = rows.numel(), contenders.shape[1], self.num_exact_queries
         mid, half = mid[rows], half[rows]  # [n, Q]
         p_k = self.p.t()[contenders]  # [n, k, Q]
@@ -402,8 +288,8 @@ class BoundedSolver:
         chosen_corners = corners.view(corners.shape[0], 8, -1)[
             rows.view(-1, 1, 1), corner, chosen.unsqueeze(1)
         ]
-        return _CellSummary(
-            cells[rows],
+        return CellSummary(
+            cells[rows] + self.cell_offset,
             contenders,
             chosen_corners.view(n, 2, 2, 2, ks),
             weights.contiguous(),
@@ -411,150 +297,22 @@ class BoundedSolver:
             rest_bound,
         )
 
-    def _flush_voxel_queue(self, k: int) -> None:
-        queue = self.voxel_queue.pop(k, [])
-        self.voxels_queued[k] = 0
-        if not queue:
-            return
-        summary = _CellSummary.concatenate(queue)
-        for block in self._blocks(summary.cells, self.chunk_bytes // self.voxel_step(k)):
-            pos = block.positions
-            sig = torch.sigmoid_(block.interpolate(summary.chosen_corners[pos], self.workspace))  # [b, V, ks]
-            scores = torch.bmm(
-                sig, summary.weights[pos]
-            )  # [b, V, k], or [b, V, 1] = score_0 - score_1 if k == 2
-            bound = summary.rest_bound[pos]  # [b, k, k]
-            contenders = summary.contenders[pos]  # [b, k]
-            if k == 2:
-                diff = scores.squeeze(2)  # [b, V]
-                first = diff > (self.margin - bound[:, 0, 1]).unsqueeze(1)
-                second = diff < (bound[:, 1, 0] - self.margin).unsqueeze(1)
-                decided = first | second
-                best = torch.where(first, contenders[:, :1], contenders[:, 1:])  # [b, V]
-            else:
-                # Only the best contender at mid-range can be certified (each bound is at most the
-                # mid-range difference); check it against every other contender.
-                lead = (scores + summary.rest_centre[pos].unsqueeze(1)).argmax(dim=2)  # [b, V]
-                lead_bound = bound.gather(1, lead.unsqueeze(2).expand_as(scores))  # [b, V, k]: row lead
-                lead_score = scores.gather(2, lead.unsqueeze(2))  # [b, V, 1]
-                decided = (lead_score - scores + lead_bound).amin(dim=2) > self.margin  # [b, V]
-                best = contenders.gather(1, lead)  # [b, V]
-            # undecided voxels get a placeholder here and their exact label when that queue is flushed
-            self.out_flat[block.flat(self.out_size)] = best
-            self.stats["voxels_refined"] += decided.numel()
-            undecided = ~decided
-            if bool(undecided.any()):
-                self._queue_exact_voxels(*block.coords(undecided))
-
-    # ---- exact evaluation (all queries, all classes) ------------------------------------------------
-
-    def _queue_exact_voxels(self, ox: torch.Tensor, oy: torch.Tensor, oz: torch.Tensor) -> None:
-        """Collect voxels for ``_exact_voxels``; evaluated in batches (few voxels come per block)."""
-        self.exact_queue.append((ox, oy, oz))
-        self.exact_queued += ox.numel()
-        if self.exact_queued >= self.exact_step:
-            self._flush_exact_voxels()
-
-    def _flush_exact_voxels(self) -> None:
-        if self.exact_queue:
-            self._exact_voxels(*(torch.cat(parts) for parts in zip(*self.exact_queue)))
-        self.exact_queue, self.exact_queued = [], 0
-
-    def _exact_voxels(self, ox: torch.Tensor, oy: torch.Tensor, oz: torch.Tensor) -> None:
-        """The direct formula at the output voxels (ox, oy, oz), from a gather of their 8 corner rows."""
-        self.stats["voxels_exact"] += ox.numel()
-        mx, my, mz = self.maps
-        _, ys, zs = self.out_size
-        _, ncy, ncz = self.cells_shape
-        step = self.exact_step
-        for start in range(0, ox.numel(), step):
-            x, y, z = ox[start : start + step], oy[start : start + step], oz[start : start + step]
-            cells = (mx.cell[x] * ncy + my.cell[y]) * ncz + mz.cell[z]
-            corners = self._gather_corners(cells).view(-1, 8, self.num_queries)  # [v, 8, Q]
-            weights = _corner_weights(mx.lam[x], my.lam[y], mz.lam[z])  # [v, 8]
-            sig = torch.sigmoid_(torch.einsum("ve,veq->vq", weights, corners))  # [v, Q]
-            self.out_flat[(x * ys + y) * zs + z] = (sig @ self.p).argmax(dim=1)
-
     # ---- index helpers --------------------------------------------------------------------------------
 
     def _unravel_cells(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         _, ny, nz = self.cells_shape
         return cells // (ny * nz), (cells // nz) % ny, cells % nz
 
-    def _cell_voxel_counts(self, cells: torch.Tensor) -> torch.Tensor:
-        return self.voxels_per_cell[cells]
-
-    def _gather_corners(self, cells: torch.Tensor, buffer: str = "corners") -> torch.Tensor:
+    def _gather_corners(self, cells: torch.Tensor) -> torch.Tensor:
         """Corner logits [n, 2, 2, 2, Q] (x, y, z lower/upper) of the given cells."""
-        cx, cy, cz = self._unravel_cells(cells)
-        mx, my, mz = self.maps
-        _, ys, zs = self.grid
-        ix = torch.stack((mx.lower[cx], mx.upper[cx]), dim=1)  # [n, 2]
-        iy = torch.stack((my.lower[cy], my.upper[cy]), dim=1)
-        iz = torch.stack((mz.lower[cz], mz.upper[cz]), dim=1)
-        rows = (ix[:, :, None, None] * ys + iy[:, None, :, None]) * zs + iz[:, None, None, :]  # [n, 2, 2, 2]
+        rows = corner_rows(self.maps, self.grid, *self._unravel_cells(cells))  # [n, 2, 2, 2]
         shape = (cells.numel(), 2, 2, 2, self.num_queries)
-        out = self.workspace.get(buffer, (rows.numel(), self.num_queries))
+        out = self.workspace.get("cell_corners", (rows.numel(), self.num_queries))
         return torch.index_select(self.rows, 0, rows.view(-1), out=out).view(shape)
-
-    def _shape_key(self, cells: torch.Tensor) -> torch.Tensor:
-        """A key [n], equal for cells with equal voxel counts per axis."""
-        return self.shape_key_per_cell[cells]
-
-    def _blocks(self, cells: torch.Tensor, bytes_per_voxel: int):
-        """Yield ``_Block``s covering the voxels of the given cells, each with at most ``chunk_bytes``
-        of per-voxel tensors (``bytes_per_voxel`` per voxel, counting the interpolation's partial
-        results [2, 2, nz] and [2, ny, nz] per cell) unless one cell's two output x-rows exceed that.
-
-        Cells are grouped by their voxel counts per axis (a few groups: floor / ceil of the scale
-        factor), so each block is a dense [cells, nx, ny, nz] batch.
-        """
-        mx, my, mz = self.maps
-        cx, cy, cz = self._unravel_cells(cells)
-        nx, ny, nz = mx.count[cx], my.count[cy], mz.count[cz]
-        key = self._shape_key(cells)
-        arange = torch.arange(max(m.out_size for m in self.maps), device=self.device)
-        for value in torch.unique(key).tolist():
-            group = (key == value).nonzero().squeeze(1)
-            sx, sy, sz = int(nx[group[0]]), int(ny[group[0]]), int(nz[group[0]])
-            if sx * sy * sz == 0:
-                continue
-            per_cell = bytes_per_voxel * max(sx * sy * sz, 2 * sy * sz, 4 * sz)
-            step = max(1, self.chunk_bytes // per_cell)  # cells per block
-            rows = (
-                sx
-                if per_cell <= self.chunk_bytes
-                else max(1, self.chunk_bytes // (bytes_per_voxel * sy * sz))
-            )
-            for start in range(0, group.numel(), step):
-                pos = group[start : start + step]
-                oy = my.start[cy[pos]].unsqueeze(1) + arange[:sy]  # [b, sy]
-                oz = mz.start[cz[pos]].unsqueeze(1) + arange[:sz]
-                ty, tz = my.lam[oy], mz.lam[oz]
-                for x0 in range(0, sx, rows):
-                    ox = mx.start[cx[pos]].unsqueeze(1) + arange[x0 : min(x0 + rows, sx)]  # [b, rows]
-                    yield _Block(pos, cells[pos], ox, oy, oz, mx.lam[ox], ty, tz)
-
-    def _queue_cell_labels(self, cells: torch.Tensor, values: torch.Tensor) -> None:
-        """Label whole cells, batched: a few blocks per flush instead of a few per chunk."""
-        self.cell_queue.append((cells, values))
-        self.cells_queued += cells.numel()
-        if self.cells_queued * 64 >= self.chunk_bytes:  # ~64 voxels per cell, int64 indices
-            self._flush_cell_labels()
-
-    def _flush_cell_labels(self) -> None:
-        if self.cell_queue:
-            self._write_cells(*(torch.cat(parts) for parts in zip(*self.cell_queue)))
-        self.cell_queue, self.cells_queued = [], 0
-
-    def _write_cells(self, cells: torch.Tensor, values: torch.Tensor) -> None:
-        for block in self._blocks(cells, 8):  # [b, V] int64 output indices
-            flat = block.flat(self.out_size)  # [b, V]
-            self.out_flat[flat] = values[block.positions].unsqueeze(1).expand_as(flat)
 
 
 def _min_max_along(
-    lo: torch.Tensor, hi: torch.Tensor, dim: int, in_size: int, workspace: _Workspace, tag: str
+    lo: torch.Tensor, hi: torch.Tensor, dim: int, in_size: int, workspace: Workspace, tag: str
 ):
     """Reduce (min, max) over each cell's two corner planes along ``dim``."""
     if in_size == 1:
@@ -615,11 +373,3 @@ def _per_class_lower_bound(p_k: torch.Tensor, centre: torch.Tensor, half: torch.
 def _next_power_of_two(count: torch.Tensor) -> torch.Tensor:
     """The smallest power of two >= each count (counts >= 1)."""
     return torch.pow(2, torch.ceil(torch.log2(count.double()))).long()
-
-
-def _corner_weights(tx: torch.Tensor, ty: torch.Tensor, tz: torch.Tensor) -> torch.Tensor:
-    """Trilinear weights [v, 8] of the cell corners in [2, 2, 2] (x, y, z) order."""
-    wx = torch.stack((1 - tx, tx), dim=1)  # [v, 2]
-    wy = torch.stack((1 - ty, ty), dim=1)
-    wz = torch.stack((1 - tz, tz), dim=1)
-    return (wx[:, :, None, None] * wy[:, None, :, None] * wz[:, None, None, :]).reshape(-1, 8)
