@@ -207,14 +207,27 @@ def test_bf16_inputs_are_computed_in_float32(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_batch_of_three_is_per_sample(device):
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        # The per-voxel stage is shared by the batch: with a huge margin most voxels fall back to
+        # the all-query evaluation, which must use each voxel's own sample; tiny chunks make the
+        # shared queues flush in the middle of a sample.
+        {"margin": 0.5, "chunk_bytes": 4096},
+    ],
+)
+def test_batch_of_three_is_per_sample(device, options):
     probs, logits = random_inputs(3, 9, 4, (6, 6, 4), seed=12)
     probs, logits = probs.to(device), logits.to(device)
     out_size = (16, 17, 10)
-    labels = occupancy_labels(probs, logits, out_size)
+    stats: dict = {}
+    labels = occupancy_labels(probs, logits, out_size, stats=stats, **options)
     check_against_reference(labels, probs, logits, out_size)
+    if "margin" in options:
+        assert stats["voxels_exact"] > stats["voxels"] / 3  # more than one sample's worth
     for b in range(3):
-        single = occupancy_labels(probs[b : b + 1], logits[b : b + 1], out_size)
+        single = occupancy_labels(probs[b : b + 1], logits[b : b + 1], out_size, **options)
         assert torch.equal(single[0], labels[b])
 
 
