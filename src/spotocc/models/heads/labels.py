@@ -27,8 +27,10 @@ trilinear interpolation is a convex combination of the cell's 8 corner logits:
    cannot decide (within the bounds' width of a tie) get the formula with every query, from a
    gather of their 8 corner rows.
 
-Voxels are evaluated in dense batches of cells with equal voxel counts per axis (no per-voxel Python
-and no per-cell loops), and every chunked intermediate stays under ``chunk_bytes``.
+Stages 1 and 2 run per sample (``labels_bounded``); stage 3 is queued across the batch
+(``labels_voxels``), so many small samples still make large batches. Voxels are evaluated in dense
+batches of cells with equal voxel counts per axis (no per-voxel Python and no per-cell loops), and
+every chunked intermediate stays under ``chunk_bytes``.
 """
 
 from __future__ import annotations
