@@ -211,7 +211,8 @@ def _rounding_margin(p: torch.Tensor, largest_logit: float) -> float:
 
     Interpolated logits carry an error of a few ulps of the largest corner magnitude, sigmoid damps it
     by at most 1/4, and summing Q terms weighted by p adds up to Q ulps of the largest class total.
-    A safety factor of 2 over that estimate keeps certification conservative.
+    A safety factor of 2 over that estimate keeps certification conservative. For p [B, Q, C] it is
+    the largest sample's bound, one margin for the batch.
     """
     num_queries = p.shape[-2]
     largest_total = max(1.0, float(p.sum(dim=-2).max()))
