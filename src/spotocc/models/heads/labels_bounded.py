@@ -12,7 +12,7 @@ import math
 import torch
 
 from spotocc.models.heads.labels_axis import AxisMap
-from spotocc.models.heads.labels_voxels import CellSummary, VoxelWriter, Workspace, corner_rows
+from spotocc.models.heads.labels_voxels import CellSummary, VoxelWriter, Workspace, corner_rows, unravel_cells
 
 
 class BoundedSolver:
@@ -40,7 +40,6 @@ class BoundedSolver:
         self.sample = sample
         self.cell_offset = sample * writer.cells_per_sample  # local -> global cell ids
         self.chunk_bytes = chunk_bytes
-        self.num_contenders = num_contenders
         self.num_exact_queries = num_exact_queries
         self.margin = margin
         self.num_queries, self.num_classes = p.shape
@@ -138,8 +137,8 @@ class BoundedSolver:
         in_reach = others_hi >= score_lo.gather(1, lead) - self.margin  # [n, C]: may beat the lead
         num_in_reach = in_reach.sum(dim=1)  # [n]
         mid, half = (s_lo + s_hi) * 0.5, (s_hi - s_lo) * 0.5
-        few = (num_in_reach <= m).nonzero().squeeze(1)  # rows compared pairwise
-        many = (num_in_reach > m).nonzero().squeeze(1)  # rows bounded per class
+        pairwise = num_in_reach <= m  # [n]: compare pairwise, else bound per class
+        few, many = pairwise.nonzero().squeeze(1), (~pairwise).nonzero().squeeze(1)
         # Per row, the classes that may win: the lead first, then the rivals that may beat it.
         contenders = lead.expand(-1, self.num_classes).clone()  # [n, C], padded with the lead
         num_alive = num_in_reach.clone()  # [n]
@@ -159,7 +158,6 @@ class BoundedSolver:
         # The rest, in a few groups by regime and padded number of contenders (powers of two).
         count = num_alive + 1  # [n] contenders per row
         bucket = torch.where(certified, 0, _next_power_of_two(count).clamp(max=self.num_classes))
-        pairwise = num_in_reach <= m
         columns = torch.arange(self.num_classes, device=self.device)
         for k in torch.unique(bucket[~certified]).tolist():
             for regime in (True, False):
@@ -198,7 +196,7 @@ class BoundedSolver:
         """
         n = cells.numel()
         ends = []
-        for m, c in zip(self.maps, self._unravel_cells(cells)):
+        for m, c in zip(self.maps, unravel_cells(cells, self.cells_shape)):
             lam = torch.stack((m.lam_lo[c], m.lam_hi[c]), dim=1)  # [n, 2]: the box's two ends
             ends.append(torch.stack((1 - lam, lam), dim=2))  # [n, 2 (box end), 2 (cell corner)]
         wx, wy, wz = ends
@@ -299,13 +297,9 @@ class BoundedSolver:
 
     # ---- index helpers --------------------------------------------------------------------------------
 
-    def _unravel_cells(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        _, ny, nz = self.cells_shape
-        return cells // (ny * nz), (cells // nz) % ny, cells % nz
-
     def _gather_corners(self, cells: torch.Tensor) -> torch.Tensor:
         """Corner logits [n, 2, 2, 2, Q] (x, y, z lower/upper) of the given cells."""
-        rows = corner_rows(self.maps, self.grid, *self._unravel_cells(cells))  # [n, 2, 2, 2]
+        rows = corner_rows(self.maps, self.grid, *unravel_cells(cells, self.cells_shape))  # [n, 2, 2, 2]
         shape = (cells.numel(), 2, 2, 2, self.num_queries)
         out = self.workspace.get("cell_corners", (rows.numel(), self.num_queries))
         return torch.index_select(self.rows, 0, rows.view(-1), out=out).view(shape)

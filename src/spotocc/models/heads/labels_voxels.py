@@ -299,15 +299,14 @@ class VoxelWriter:
         factor), so each block is a dense [cells, nx, ny, nz] batch.
         """
         mx, my, mz = self.maps
-        _, ny, nz = self.cells_shape
         sample, cell = cells // self.cells_per_sample, cells % self.cells_per_sample
-        cx, cy, cz = cell // (ny * nz), (cell // nz) % ny, cell % nz
+        cx, cy, cz = unravel_cells(cell, self.cells_shape)
         key = self.shape_key_per_cell[cell]
         arange = torch.arange(max(m.out_size for m in self.maps), device=self.device)
         for value in torch.unique(key).tolist():
             group = (key == value).nonzero().squeeze(1)
             first = int(cell[group[0]])
-            sx, sy, sz = (int(m.count[c]) for m, c in zip(self.maps, _unravel(first, self.cells_shape)))
+            sx, sy, sz = (int(m.count[c]) for m, c in zip(self.maps, unravel_cells(first, self.cells_shape)))
             if sx * sy * sz == 0:
                 continue
             per_cell = bytes_per_voxel * max(sx * sy * sz, 2 * sy * sz, 4 * sz)
@@ -339,9 +338,10 @@ def corner_rows(
     return (ix[:, :, None, None] * ys + iy[:, None, :, None]) * zs + iz[:, None, None, :]
 
 
-def _unravel(cell: int, cells_shape: tuple[int, ...]) -> tuple[int, int, int]:
+def unravel_cells(cells, cells_shape: tuple[int, ...]):
+    """(cx, cy, cz) of flat per-sample cell indices (a tensor or an int)."""
     _, ny, nz = cells_shape
-    return cell // (ny * nz), (cell // nz) % ny, cell % nz
+    return cells // (ny * nz), (cells // nz) % ny, cells % nz
 
 
 def _corner_weights(tx: torch.Tensor, ty: torch.Tensor, tz: torch.Tensor) -> torch.Tensor:
