@@ -1,0 +1,130 @@
+"""``spotocc diagnose DIAGNOSIS``: what a configuration and dataset do before anybody trains (no weights).
+
+    spotocc diagnose coverage spotocc_kitti --data /data/SemanticKITTI --samples 20
+    spotocc diagnose coverage runs/kitti/config.json --data /data/SemanticKITTI --split train --json cov.json
+    spotocc diagnose coverage synthetic_tiny --data data/synthetic_tiny grid.lss_downsample=4
+
+``coverage``: per class present, the share of GT voxels that some camera sees, whose LSS cell receives a
+frustum point, and whose LSS cell the sparse encoder's finest level keeps active; per LSS height level,
+the share of cells that receive a frustum point and that are active. See
+:mod:`spotocc.diagnostics.coverage` for the exact rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+PROG = "spotocc diagnose"
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """A diagnosis parser that takes ``key=value`` overrides after options, as the other commands do.
+
+    ``spotocc``'s dispatcher cannot intermix a command with sub-commands, so each diagnosis does it.
+    """
+
+    _plain = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._plain:  # parse_known_intermixed_args calls back into parse_known_args
+            return super().parse_known_args(args, namespace)
+        self._plain = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._plain = False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Checks of a configuration and dataset that need no trained weights."
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "examples:\n" + "\n".join(__doc__.split("\n\n")[1].splitlines())
+    diagnoses = parser.add_subparsers(
+        dest="diagnosis", metavar="DIAGNOSIS", required=True, parser_class=_IntermixedParser
+    )
+
+    coverage = diagnoses.add_parser(
+        "coverage",
+        help="per class and height: GT voxels in view, reached by the LSS lift, kept by the encoder",
+    )
+    coverage.add_argument("config", metavar="PRESET_OR_CONFIG", help="preset name or a saved config .json")
+    coverage.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. grid.lss_downsample=4"
+    )
+    coverage.add_argument("--data", metavar="ROOT", required=True, help="dataset root (data.root)")
+    coverage.add_argument("--split", help="split to read (default: the config's data.val_split)")
+    coverage.add_argument(
+        "--samples", type=int, default=10, metavar="N", help="use the first N samples (default 10)"
+    )
+    coverage.add_argument("--json", metavar="OUT", help="also write the counts and shares to this file")
+    coverage.set_defaults(run=_coverage)
+
+
+def main(args: argparse.Namespace) -> int:
+    return int(args.run(args) or 0)
+
+
+def _error(message: str) -> int:
+    """A user error: one line on stderr, exit status 2 (as argparse reports bad arguments)."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _coverage(args: argparse.Namespace) -> int:
+    from spotocc.config import get_config
+    from spotocc.data.files import DataFileError
+    from spotocc.diagnostics.coverage import format_coverage, measure_coverage
+    from spotocc.engine.atomic import write_text_atomic
+    from spotocc.engine.eval_cli import apply_data_arguments
+    from spotocc.engine.evaluator import default_dataset_factory
+
+    if args.samples < 1:
+        return _error(f"--samples must be >= 1, got {args.samples}")
+    try:
+        cfg = get_config(args.config, args.overrides)
+        apply_data_arguments(cfg, args)  # --data -> data.root
+    except (ValueError, FileNotFoundError) as err:
+        return _error(str(err))
+    if not Path(cfg.data.root).exists():
+        return _error(f"data root {cfg.data.root} does not exist")
+    split = args.split or cfg.data.val_split
+    try:
+        dataset = default_dataset_factory(cfg, split, train=False)  # test-time transform: no augmentation
+        if len(dataset) == 0:
+            return _error(f"split {split!r} of {cfg.data.root} has no samples")
+        counts = measure_coverage(cfg, dataset, args.samples)
+    except (DataFileError, ValueError, OSError) as err:
+        return _error(str(err))
+
+    vt, grid = cfg.model.view_transformer, cfg.grid
+    (h, w), (dmin, dmax) = cfg.data.input_size, vt.depth_bound[:2]
+    occ, lss = ("x".join(map(str, s)) for s in (grid.occ_size, grid.lss_size))
+    samples = f"{counts.num_samples} sample{'s' * (counts.num_samples != 1)}"
+    print(
+        f"{cfg.name}: split {split!r}, {samples}, GT grid {occ}, "
+        f"LSS grid {lss} (downsample {grid.lss_downsample}), "
+        f"{len(cfg.data.cameras)} camera(s) at {h}x{w}, depth {dmin:g}..{dmax:g} m"
+    )
+    print(format_coverage(counts, grid))
+    print(
+        f"in view: voxel centre in front of a camera, depth in [{dmin:g}, {dmax:g}) m, inside the {h}x{w} "
+        "input image; lifted: its LSS cell receives a frustum point; encoder: its LSS cell is active in "
+        "the sparse encoder's finest output"
+    )
+    if args.json:
+        out = {
+            "config": cfg.name,
+            "split": split,
+            "data_root": str(cfg.data.root),
+            "occ_size": list(grid.occ_size),
+            "lss_downsample": grid.lss_downsample,
+            **counts.to_dict(),
+        }
+        try:
+            write_text_atomic(args.json, json.dumps(out, indent=2) + "\n")
+        except OSError as err:
+            return _error(f"cannot write {args.json}: {err}")
+    return 0
