@@ -1,13 +1,20 @@
-"""``spotocc diagnose DIAGNOSIS``: what a configuration and dataset do before anybody trains (no weights).
+"""``spotocc diagnose DIAGNOSIS``: what a configuration and dataset do, without trained weights.
 
     spotocc diagnose coverage spotocc_kitti --data /data/SemanticKITTI --samples 20
     spotocc diagnose coverage runs/kitti/config.json --data /data/SemanticKITTI --split train --json cov.json
     spotocc diagnose coverage synthetic_tiny --data data/synthetic_tiny grid.lss_downsample=4
+    spotocc diagnose memorise synthetic_tiny --data data/synthetic_tiny --variant gt-features --steps 100
+    spotocc diagnose memorise synthetic_tiny --data data/synthetic_tiny --variant gt-depth --json mem.json
 
 ``coverage``: per class present, the share of GT voxels that some camera sees, whose LSS cell receives a
 frustum point, and whose LSS cell the sparse encoder's finest level keeps active; per LSS height level,
 the share of cells that receive a frustum point and that are active. See
 :mod:`spotocc.diagnostics.coverage` for the exact rules.
+
+``memorise``: an oracle ablation that trains on the first few scenes of the training split (no
+augmentation) and scores per-class IoU on those same scenes: the whole pipeline, the pipeline with LiDAR
+ground-truth depth in the lift, the head alone on features made from the GT, or the image -> voxel
+stages with a per-voxel classifier instead of the head. See :mod:`spotocc.diagnostics.memorise`.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import sys
 from pathlib import Path
 
 PROG = "spotocc diagnose"
+# spotocc.diagnostics.memorise.VARIANTS, spelled out so that building the parser imports no torch
+MEMORISE_VARIANTS = ("pipeline", "gt-depth", "gt-features", "voxel-ce")
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -61,6 +70,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     coverage.add_argument("--json", metavar="OUT", help="also write the counts and shares to this file")
     coverage.set_defaults(run=_coverage)
+
+    memorise = diagnoses.add_parser(
+        "memorise",
+        help="oracle ablations: train on a few training scenes, per-class IoU on those same scenes",
+    )
+    memorise.add_argument("config", metavar="PRESET_OR_CONFIG", help="preset name or a saved config .json")
+    memorise.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. head.type=sparseocc"
+    )
+    memorise.add_argument("--data", metavar="ROOT", required=True, help="dataset root (data.root)")
+    memorise.add_argument(
+        "--variant",
+        required=True,
+        metavar="{" + ",".join(MEMORISE_VARIANTS) + "}",
+        help="pipeline: the whole model; gt-depth: LiDAR depth bins in the lift; gt-features: the head "
+        "alone on features made from the GT; voxel-ce: a per-voxel classifier instead of the head",
+    )
+    memorise.add_argument(
+        "--samples", type=int, default=8, metavar="N", help="the first N training scenes (default 8)"
+    )
+    memorise.add_argument("--steps", type=int, default=240, metavar="N", help="optimiser steps (default 240)")
+    memorise.add_argument("--batch", type=int, default=2, metavar="B", help="scenes per step (default 2)")
+    memorise.add_argument("--lr", type=float, metavar="LR", help="learning rate (default: train.lr)")
+    memorise.add_argument("--seed", type=int, default=0, help="model init and batch draws (default 0)")
+    memorise.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    memorise.add_argument("--json", metavar="OUT", help="also write the metrics to this file")
+    memorise.set_defaults(run=_memorise)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -123,6 +159,79 @@ def _coverage(args: argparse.Namespace) -> int:
             "lss_downsample": grid.lss_downsample,
             **counts.to_dict(),
         }
+        try:
+            write_text_atomic(args.json, json.dumps(out, indent=2) + "\n")
+        except OSError as err:
+            return _error(f"cannot write {args.json}: {err}")
+    return 0
+
+
+def _memorise(args: argparse.Namespace) -> int:
+    import torch
+
+    from spotocc.config import get_config
+    from spotocc.data.files import DataFileError
+    from spotocc.diagnostics.memorise import format_memorise, memorise, without_augmentation
+    from spotocc.engine.atomic import write_text_atomic
+    from spotocc.engine.eval_cli import apply_data_arguments
+    from spotocc.engine.evaluator import default_dataset_factory
+
+    if args.variant not in MEMORISE_VARIANTS:
+        return _error(f"--variant must be one of {', '.join(MEMORISE_VARIANTS)}, got {args.variant!r}")
+    for name in ("samples", "steps", "batch"):
+        if getattr(args, name) < 1:
+            return _error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.lr is not None and not args.lr > 0:
+        return _error(f"--lr must be > 0, got {args.lr}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return _error("--device cuda: no CUDA device is available")
+    if args.json and not Path(args.json).resolve().parent.is_dir():  # before training, not after
+        return _error(f"cannot write {args.json}: folder {Path(args.json).resolve().parent} does not exist")
+    device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    try:
+        cfg = get_config(args.config, args.overrides)
+        apply_data_arguments(cfg, args)  # --data -> data.root
+    except (ValueError, FileNotFoundError) as err:
+        return _error(str(err))
+    if not Path(cfg.data.root).exists():
+        return _error(f"data root {cfg.data.root} does not exist")
+    split = cfg.data.train_split
+    try:
+        # train=True for the LiDAR depth targets; the training transform without augmentation
+        dataset = default_dataset_factory(without_augmentation(cfg), split, train=True)
+        if len(dataset) == 0:
+            return _error(f"split {split!r} of {cfg.data.root} has no samples")
+        scenes = [dataset[i] for i in range(min(args.samples, len(dataset)))]
+    except (DataFileError, ValueError, OSError) as err:
+        return _error(str(err))
+
+    n, lr = len(scenes), args.lr or cfg.train.lr
+    print(
+        f"{cfg.name}: memorise {n} scene{'s' * (n != 1)} of split {split!r}, variant {args.variant}, "
+        f"{args.steps} steps of batch {args.batch}, lr {lr:g}, seed {args.seed}, {device}",
+        flush=True,
+    )
+    try:
+        result = memorise(
+            cfg,
+            scenes,
+            args.variant,
+            args.steps,
+            args.batch,
+            args.lr,
+            args.seed,
+            log=lambda line: print(line, flush=True),
+            device=device,
+        )
+    except ValueError as err:
+        return _error(str(err))
+    except FloatingPointError as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 1
+    print(format_memorise(result))
+    print(f"trained {result.steps} steps in {result.train_seconds:.0f} s; {result.seconds:.0f} s in all")
+    if args.json:
+        out = {"config": cfg.name, "split": split, "data_root": str(cfg.data.root), **result.to_dict()}
         try:
             write_text_atomic(args.json, json.dumps(out, indent=2) + "\n")
         except OSError as err:
