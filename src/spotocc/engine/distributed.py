@@ -84,8 +84,11 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
 
 
 def teardown_distributed() -> None:
-    """Leave the process group (if any)."""
+    """Leave the process group (if any), after every rank has arrived: a rank that destroys its gloo
+    group while a peer is still using it can abort the peer ("terminate called without an active
+    exception", seen intermittently in the two-process test)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
