@@ -80,6 +80,7 @@ def test_quickstart_stages_with_toys(tmp_path, capsys):
     assert calls[0][0] == tmp_path / "data"
     assert calls[0][1]["format"] == "semantickitti" and calls[0][1]["grid"] == cfg.grid
     assert calls[0][1]["num_train"] == 12 and calls[0][1]["num_val"] == 5
+    assert calls[0][1]["image_size"] == tuple(cfg.data.input_size)  # written at the network input size
     out = capsys.readouterr().out
     assert "image-blind baseline" in out and "SSC mIoU: model" in out and "SC IoU:   model" in out
     saved = json.loads((tmp_path / "quickstart.json").read_text())

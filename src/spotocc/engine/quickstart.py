@@ -100,6 +100,7 @@ def run_quickstart(
     data_dir = work_dir / "data"
     if generate_fn is None:
         from spotocc.data.synthetic import generate as generate_fn
+    from spotocc.data.synthetic import source_image_size
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     print(f"[1/3] generating {num_train} training and {num_val} held-out scenes in {data_dir}")
@@ -110,6 +111,7 @@ def run_quickstart(
         num_val=num_val,
         seed=cfg.train.seed,
         grid=cfg.grid,
+        image_size=source_image_size(cfg.data),  # the network input size: the reader resizes by 1
     )
     cfg.data.root = str(data_dir)
     seconds["generate"] = time.perf_counter() - start
