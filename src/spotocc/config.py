@@ -93,6 +93,9 @@ class ViewTransformerConfig:
     aspp_mid_channels: int | None = None  # None: in_channels
     activation_checkpointing: bool = False  # not released: depth-net convs checkpointed (numerically neutral)
     pool_chunk_elements: int = 1 << 23  # lift+pool forms the outer product this many values at a time
+    pool: str = "sum"  # "sum" as released; "mean": divide by the frustum points per voxel (not released)
+    # not released: cells without a LiDAR point (above the top beam) learn the first labelled voxel's depth
+    depth_from_occupancy: bool = False
 
 
 @dataclass

@@ -15,8 +15,10 @@ from spotocc.models.view_transform import (
     depth_targets,
     frustum_to_grid,
     image_aug_transform,
+    NO_DEPTH,
     lift_and_pool,
     make_frustum,
+    occupancy_depth,
     voxel_indices,
 )
 
@@ -287,6 +289,27 @@ def test_voxel_pooling_equals_a_naive_loop():
     assert context.grad is not None and context.grad.abs().sum() > 0
 
 
+def test_mean_pooling_divides_each_voxel_by_its_frustum_points():
+    torch.manual_seed(1)
+    b, n, d, h, w, c = 1, 2, 4, 3, 3, 3
+    grid = (3, 2, 2)
+    points = torch.rand(b, n, d, h, w, 3) * torch.tensor([3.4, 2.0, 2.0])  # some beyond x = 3: dropped
+    depth = torch.rand(b, n, d, h, w).softmax(dim=2)
+    context = torch.randn(b, n, c, h, w)
+    index, inside = voxel_indices(points, torch.zeros(3), torch.ones(3), grid)
+    summed = lift_and_pool(depth, context, index, inside, grid)
+    mean = lift_and_pool(depth, context, index, inside, grid, mean=True)
+    counts = torch.bincount(index[inside], minlength=b * 3 * 2 * 2).float().view(b, *grid)  # points per voxel
+    assert counts.max() > 1 and (counts == 0).sum() < counts.numel()  # shared and (maybe) empty voxels
+    torch.testing.assert_close(mean, summed / counts.clamp(min=1)[:, None])
+    assert torch.equal(mean == 0, summed == 0)  # the active set is unchanged
+
+
+def test_pool_must_be_sum_or_mean():
+    with pytest.raises(ValueError, match="view_transformer.pool must be 'sum' or 'mean'"):
+        _tiny_view_transformer(pool="max")
+
+
 # --------------------------------------------------------------------------------------------------
 # Depth loss
 
@@ -331,6 +354,55 @@ def test_depth_loss_without_valid_cells_is_zero():
     loss = depth_bce_loss(probs, bins, valid)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(probs.grad, torch.zeros_like(probs))
+
+
+def _axis_rays(num_rays: int, num_bins: int, y_of_ray: list[float]) -> torch.Tensor:
+    """[1, 1, D, 1, R, 3] frustum points: ray r runs along x through x = 0.5, 1.5, ... at height 0.5."""
+    points = torch.zeros(1, 1, num_bins, 1, num_rays, 3)
+    points[..., 0] = (torch.arange(num_bins) + 0.5).view(num_bins, 1, 1)
+    points[..., 1] = torch.tensor(y_of_ray).view(1, 1, num_rays)
+    points[..., 2] = 0.5
+    return points
+
+
+def test_occupancy_depth_is_the_first_labelled_voxel_along_each_ray():
+    gt_occ = torch.zeros(1, 4, 3, 1, dtype=torch.long)  # 1 m voxels over [0, 4) x [0, 3) x [0, 1)
+    gt_occ[0, :, 0, 0] = torch.tensor([0, 0, 5, 7])  # ray 0: first hit in voxel x = 2
+    gt_occ[0, :, 1, 0] = torch.tensor([0, 255, 3, 0])  # ray 1: meets an unknown voxel first
+    # ray 2 (y = 2.5) crosses only empty voxels; ray 3 (y = 3.5) runs outside the grid
+    points = _axis_rays(4, 4, [0.5, 1.5, 2.5, 3.5])
+    bin_depths = torch.tensor([2.0, 2.5, 3.0, 3.5])
+    depth = occupancy_depth(points, bin_depths, gt_occ, (0.0, 0.0, 0.0, 4.0, 3.0, 1.0))
+    assert depth.tolist() == [3.0, NO_DEPTH, NO_DEPTH, NO_DEPTH]
+
+
+@pytest.mark.parametrize("fix", [False, True])
+def test_depth_from_occupancy_fills_only_cells_without_lidar(fix):
+    # 8x8 input at stride 4: 2x2 cells, four rays along x; bins (2.0, 4.0, 0.5): depths 2.0 .. 3.5
+    vt = _tiny_view_transformer(
+        depth_bound=(2.0, 4.0, 0.5), downsample=4, input_size=(8, 8), fix_depth_bin_offset=fix,
+        point_cloud_range=(0.0, 0.0, 0.0, 4.0, 4.0, 1.0), grid_size=(4, 4, 1), depth_from_occupancy=True,
+    )  # fmt: skip
+    points = _axis_rays(4, 4, [0.5, 1.5, 2.5, 3.5]).view(1, 1, 4, 2, 2, 3)  # cells (0,0) (0,1) (1,0) (1,1)
+    gt_occ = torch.zeros(1, 4, 4, 1, dtype=torch.long)
+    gt_occ[0, 3, 0, 0] = gt_occ[0, 1, 1, 0] = gt_occ[0, 2, 2, 0] = 9  # cells 0, 1, 2 hit at x = 3, 1, 2
+    gt = torch.zeros(1, 1, 8, 8)
+    gt[0, 0, 0, 0] = 2.6  # LiDAR in cell (0, 0) only: it wins over the occupancy depth 3.5
+    torch.manual_seed(0)
+    probs = torch.randn(1, 4, 2, 2).softmax(dim=1)
+    rows = probs.permute(0, 2, 3, 1).reshape(4, 4)
+    # depth 2.6 -> idx 1.7; occupancy 2.5 -> idx 1.5, 3.0 -> idx 2.5 (cell 3: no hit, no target)
+    expected = {0: 1, 1: 1, 2: 2} if fix else {0: 0, 1: 0, 2: 1}
+    hand = sum(_bce_row(rows[r].tolist(), t) for r, t in expected.items()) / len(expected)
+    loss = vt.depth_loss(gt, probs, gt_occ=gt_occ, points=points)
+    assert loss.item() == pytest.approx(hand, rel=1e-5)
+
+    vt.depth_from_occupancy = False  # LiDAR alone: cell 0 only
+    lidar_only = _bce_row(rows[0].tolist(), expected[0])
+    assert vt.depth_loss(gt, probs, gt_occ=gt_occ, points=points).item() == pytest.approx(lidar_only, rel=1e-5)
+    vt.depth_from_occupancy = True
+    with pytest.raises(ValueError, match="depth_from_occupancy needs gt_occ"):
+        vt.depth_loss(gt, probs)
 
 
 # --------------------------------------------------------------------------------------------------

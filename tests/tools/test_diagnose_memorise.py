@@ -151,7 +151,7 @@ def test_gt_depth_hook_keeps_the_predicted_depth_where_no_lidar_point(tiny):
         feats = model.encode_images(batch["img"])
         _, predicted = model.lift(feats, batch)  # [1, D, 2, 4]
         with GroundTruthDepth(vt) as oracle:
-            oracle.set(gt_depth)
+            oracle.set({**batch, "gt_depth": gt_depth})
             _, replaced = model.lift(feats, batch)
         _, again = model.lift(feats, batch)
     bins, valid = depth_targets(

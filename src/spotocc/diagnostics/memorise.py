@@ -41,8 +41,8 @@ from spotocc.engine.trainer import total_loss
 from spotocc.evaluation import SSCMetrics, format_ssc_table
 from spotocc.evaluation.ssc import round_percent
 from spotocc.models import build_model
-from spotocc.models.occupancy import OccupancyModel
-from spotocc.models.view_transform import ViewTransformer, depth_targets
+from spotocc.models.occupancy import CAMERA_KEYS, OccupancyModel
+from spotocc.models.view_transform import ViewTransformer
 
 __all__ = [
     "VARIANTS",
@@ -78,9 +78,10 @@ def without_augmentation(cfg: Config) -> Config:
 class GroundTruthDepth:
     """A forward hook on ``view_transformer.depth_net`` that swaps in one-hot LiDAR depth logits.
 
-    :meth:`set` takes a batch's ``gt_depth`` [B, N, H, W]; the next depth-net outputs then carry logits
-    +-``logit`` around the true bin (``depth_targets(..., fix_bin_offset=True)``, the bin whose frustum
-    depth is nearest) at every feature cell with a LiDAR point, so the softmax there is one-hot to
+    :meth:`set` takes a batch (its ``gt_depth`` [B, N, H, W]); the next depth-net outputs then carry logits
+    +-``logit`` around the true bin (``depth_target_bins(..., fix_bin_offset=True)``, the bin whose frustum
+    depth is nearest) at every feature cell with a LiDAR point (or, under
+    ``view_transformer.depth_from_occupancy``, with a labelled voxel along its ray), so the softmax there is one-hot to
     within ``D * exp(-2 * logit)``. Other cells and the context channels are the network's own. Use as
     a context manager (or call :meth:`remove`) to take the hook off.
     """
@@ -92,11 +93,13 @@ class GroundTruthDepth:
         self.valid: torch.Tensor | None = None  # [B*N*fH*fW] bool
         self._handle = view_transformer.depth_net.register_forward_hook(self._replace)
 
-    def set(self, gt_depth: torch.Tensor) -> None:
-        """The LiDAR depth [B, N, H, W] (0 = no point) of the batch the next forward sees."""
+    def set(self, batch: dict[str, Any]) -> None:
+        """The batch the next forward sees: its LiDAR depth ``gt_depth`` [B, N, H, W] (0 = no point) and,
+        under ``view_transformer.depth_from_occupancy``, its ``gt_occ`` and camera tensors."""
         vt = self.view_transformer
-        self.bins, self.valid = depth_targets(
-            gt_depth, downsample=vt.downsample, depth_bound=vt.depth_bound, fix_bin_offset=True
+        points = vt.geometry(*(batch[key] for key in CAMERA_KEYS)) if vt.depth_from_occupancy else None
+        self.bins, self.valid = vt.depth_target_bins(
+            batch["gt_depth"], gt_occ=batch.get("gt_occ"), points=points, fix_bin_offset=True
         )
 
     def _replace(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -205,7 +208,7 @@ class VoxelClassifier(nn.Module):
         logits, depth_prob = self.logits(batch)
         losses = {"loss_ce": F.cross_entropy(logits, batch["gt_occ"].long(), ignore_index=IGNORE_INDEX)}
         if "gt_depth" in batch:
-            losses["loss_depth"] = self.model.view_transformer.depth_loss(batch["gt_depth"], depth_prob)
+            losses["loss_depth"] = self.model.depth_loss(batch, depth_prob)
         return losses
 
     @torch.no_grad()
@@ -232,7 +235,7 @@ def _trainee(variant: str, cfg: Config, model: OccupancyModel, seed: int) -> _Tr
         oracle = GroundTruthDepth(model.view_transformer)
 
         def gt_depth_losses(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-            oracle.set(batch["gt_depth"])
+            oracle.set(batch)
             losses = model.forward_train(batch)
             # Every cell the depth loss supervises has its logits replaced: the loss is a constant without
             # gradient (and large under the released one-bin target offset), so it is left out.
@@ -240,7 +243,7 @@ def _trainee(variant: str, cfg: Config, model: OccupancyModel, seed: int) -> _Tr
             return losses
 
         def gt_depth_predict(batch: dict[str, Any]) -> torch.Tensor:
-            oracle.set(batch["gt_depth"])
+            oracle.set(batch)
             return model.predict(batch)
 
         return _Trainee(model, gt_depth_losses, gt_depth_predict, oracle.remove)

@@ -220,7 +220,7 @@ def train_stages(
             feats = model.encode_images(batch["img"])
         with log.stage("view_transformer"):
             volume, depth_prob = model.lift(feats, batch)
-            losses = {"loss_depth": model.view_transformer.depth_loss(batch["gt_depth"], depth_prob)}
+            losses = {"loss_depth": model.depth_loss(batch, depth_prob)}
         with torch.autocast(volume.device.type, enabled=False):
             with log.stage("voxel_encoder"):
                 levels = model.voxel_encoder(volume.float())

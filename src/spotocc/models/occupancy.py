@@ -103,9 +103,16 @@ class OccupancyModel(nn.Module):
         voxel_feats, depth_prob = self.extract_features(batch)
         losses: dict[str, torch.Tensor] = {}
         if "gt_depth" in batch:
-            losses["loss_depth"] = self.view_transformer.depth_loss(batch["gt_depth"], depth_prob)
+            losses["loss_depth"] = self.depth_loss(batch, depth_prob)
         losses.update(self.head.forward_train(voxel_feats, batch["gt_occ"]))
         return losses
+
+    def depth_loss(self, batch: dict[str, Any], depth_prob: torch.Tensor) -> torch.Tensor:
+        """The depth net's loss on a batch with ``gt_depth`` (and ``gt_occ`` under
+        ``view_transformer.depth_from_occupancy``); depth_prob [B*N, D, fH, fW] from :meth:`lift`."""
+        vt = self.view_transformer
+        points = vt.geometry(*(batch[key] for key in CAMERA_KEYS)) if vt.depth_from_occupancy else None
+        return vt.depth_loss(batch["gt_depth"], depth_prob, gt_occ=batch.get("gt_occ"), points=points)
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Any]) -> torch.Tensor:

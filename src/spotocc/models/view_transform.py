@@ -389,8 +389,13 @@ def lift_and_pool(
     grid_size: tuple[int, int, int],
     *,
     chunk_elements: int = 1 << 23,
+    mean: bool = False,
 ) -> torch.Tensor:
     """Sum of depth_prob x context over the points of every voxel -> [B, C, X, Y, Z] (fp32).
+
+    ``mean``: divide each voxel's sum by the number of frustum points that land in it (a function of the
+    geometry only, not of the predicted depth), so a far voxel crossed by one ray and a near voxel
+    crossed by hundreds carry features of the same scale (not released: BEVPoolv2 sums).
 
     depth_prob [B, N, D, fH, fW], context [B, N, C, fH, fW], index / inside [B, N, D, fH, fW] from
     :func:`voxel_indices`. The outer product is formed a few depth bins at a time (about
@@ -413,11 +418,52 @@ def lift_and_pool(
         for d0 in range(0, d, step):
             lifted = depth_prob[:, :, d0 : d0 + step, :, :, None] * context  # [B, N, dk, fH, fW, C]
             volume.index_add_(0, index[:, :, d0 : d0 + step].reshape(-1), lifted.reshape(-1, c))
+        if mean:
+            counts = torch.zeros(b * x * y * z, device=volume.device)  # [B*X*Y*Z] frustum points per voxel
+            counts.index_add_(0, index.reshape(-1), inside.reshape(-1).float())
+            volume = volume / counts.clamp(min=1.0)[:, None]
         return volume.view(b, x, y, z, c).permute(0, 4, 1, 2, 3)  # [B, C, X, Y, Z], channels_last_3d
 
 
 # --------------------------------------------------------------------------------------------------
 # Depth supervision
+
+
+NO_DEPTH = 1e5  # depth of a feature cell without a target: beyond every bin, hence invalid
+
+
+def nearest_patch_depth(gt_depth: torch.Tensor, downsample: int) -> torch.Tensor:
+    """Per feature cell, the nearest LiDAR depth of its ``downsample`` x ``downsample`` patch.
+
+    gt_depth [B, N, H, W] (0 = no point) -> [B*N*fH*fW] fp32 in (camera, row, column) order, 1e5 where
+    the patch holds no point.
+    """
+    b, n, h, w = gt_depth.shape
+    if h % downsample or w % downsample:
+        raise ValueError(f"gt_depth size {h}x{w} is not a multiple of the feature stride {downsample}")
+    patches = gt_depth.float().reshape(b * n, h // downsample, downsample, w // downsample, downsample)
+    patches = patches.permute(0, 1, 3, 2, 4).flatten(3)  # [B*N, fH, fW, ds*ds]
+    return torch.where(patches == 0.0, torch.full_like(patches, NO_DEPTH), patches).amin(dim=-1).reshape(-1)
+
+
+def depth_to_bins(
+    depth: torch.Tensor, depth_bound: tuple[float, float, float], *, fix_bin_offset: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Metric depths [M] -> (bins [M] int64, valid [M] bool).
+
+    idx = (d - (min - step / 2)) / step; released (off by one bin): bin = trunc(idx) - 1, valid for
+    1 <= idx < D + 1; ``fix_bin_offset``: bin = trunc(idx), 0 <= idx < D.
+    """
+    dmin, dmax, step = depth_bound
+    num_bins = len(torch.arange(dmin, dmax, step))
+    idx = (depth - (dmin - step / 2)) / step
+    if fix_bin_offset:
+        valid = (idx >= 0) & (idx < num_bins)
+        bins = idx.long()
+    else:
+        valid = (idx >= 1) & (idx < num_bins + 1)
+        bins = idx.long() - 1
+    return torch.where(valid, bins, torch.zeros_like(bins)), valid
 
 
 def depth_targets(
@@ -430,25 +476,37 @@ def depth_targets(
     """Per feature cell: the nearest LiDAR depth of its ``downsample`` x ``downsample`` patch as a bin.
 
     gt_depth [B, N, H, W] (0 = no point) -> (bins [B*N*fH*fW] int64, valid [B*N*fH*fW] bool), rows in
-    (camera, row, column) order. idx = (d - (min - step / 2)) / step; released (off by one bin):
-    bin = trunc(idx) - 1, valid for 1 <= idx < D + 1; ``fix_bin_offset``: bin = trunc(idx), 0 <= idx < D.
+    (camera, row, column) order; binning as in :func:`depth_to_bins`.
     """
-    b, n, h, w = gt_depth.shape
-    if h % downsample or w % downsample:
-        raise ValueError(f"gt_depth size {h}x{w} is not a multiple of the feature stride {downsample}")
-    dmin, dmax, step = depth_bound
-    num_bins = len(torch.arange(dmin, dmax, step))
-    patches = gt_depth.float().reshape(b * n, h // downsample, downsample, w // downsample, downsample)
-    patches = patches.permute(0, 1, 3, 2, 4).flatten(3)  # [B*N, fH, fW, ds*ds]
-    nearest = torch.where(patches == 0.0, torch.full_like(patches, 1e5), patches).amin(dim=-1).reshape(-1)
-    idx = (nearest - (dmin - step / 2)) / step
-    if fix_bin_offset:
-        valid = (idx >= 0) & (idx < num_bins)
-        bins = idx.long()
-    else:
-        valid = (idx >= 1) & (idx < num_bins + 1)
-        bins = idx.long() - 1
-    return torch.where(valid, bins, torch.zeros_like(bins)), valid
+    nearest = nearest_patch_depth(gt_depth, downsample)
+    return depth_to_bins(nearest, depth_bound, fix_bin_offset=fix_bin_offset)
+
+
+def occupancy_depth(
+    points: torch.Tensor,
+    bin_depths: torch.Tensor,
+    gt_occ: torch.Tensor,
+    point_cloud_range: tuple[float, float, float, float, float, float],
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """Per feature cell, the depth of the first frustum point that lies in a labelled occupied voxel.
+
+    points [B, N, D, fH, fW, 3] (grid frame, nearest bin first), bin_depths [D], gt_occ [B, X, Y, Z]
+    (0 empty, ``ignore_index`` unknown) -> [B*N*fH*fW] fp32 in (camera, row, column) order;
+    :data:`NO_DEPTH` where the ray leaves the grid without a hit or meets an unknown voxel first.
+    """
+    b, n, d, fh, fw, _ = points.shape
+    size = gt_occ.shape[1:]
+    lower = points.new_tensor(point_cloud_range[:3])
+    voxel = (points.new_tensor(point_cloud_range[3:]) - lower) / points.new_tensor(size)
+    index, inside = voxel_indices(points, lower, voxel, tuple(int(s) for s in size))  # [B, N, D, fH, fW]
+    labels = torch.where(inside, gt_occ.reshape(-1).long()[index], torch.zeros_like(index))  # [B, N, D, fH, fW]
+    nonempty = labels != 0
+    first = nonempty.int().argmax(dim=2, keepdim=True)  # [B, N, 1, fH, fW]: first non-empty bin (0 if none)
+    hit_label = labels.gather(2, first).squeeze(2)  # [B, N, fH, fW]
+    hit = nonempty.any(dim=2) & (hit_label != ignore_index)
+    depth = bin_depths.float()[first.squeeze(2)]  # [B, N, fH, fW]
+    return torch.where(hit, depth, torch.full_like(depth, NO_DEPTH)).reshape(-1)
 
 
 def depth_bce_loss(depth_prob: torch.Tensor, bins: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -492,6 +550,8 @@ class ViewTransformer(nn.Module):
         aspp_mid_channels: int | None = None,
         activation_checkpointing: bool = False,
         pool_chunk_elements: int = 1 << 23,
+        pool: str = "sum",
+        depth_from_occupancy: bool = False,
     ) -> None:
         super().__init__()
         if camera_params not in (27, 33):
@@ -501,6 +561,11 @@ class ViewTransformer(nn.Module):
             raise ValueError(
                 f"input size {h}x{w} is not a multiple of view_transformer.downsample={downsample}"
             )
+        if pool not in ("sum", "mean"):
+            raise ValueError(f"view_transformer.pool must be 'sum' or 'mean', got {pool!r}")
+        self.pool = pool
+        self.depth_from_occupancy = depth_from_occupancy
+        self.point_cloud_range = tuple(float(v) for v in point_cloud_range)
         self.camera_params = camera_params
         self.downsample = downsample
         self.depth_bound = tuple(depth_bound)
@@ -549,6 +614,8 @@ class ViewTransformer(nn.Module):
             aspp_mid_channels=cfg.aspp_mid_channels,
             activation_checkpointing=cfg.activation_checkpointing,
             pool_chunk_elements=cfg.pool_chunk_elements,
+            pool=cfg.pool,
+            depth_from_occupancy=cfg.depth_from_occupancy,
         )
 
     def forward(
@@ -580,6 +647,7 @@ class ViewTransformer(nn.Module):
             inside,
             self.grid_size,
             chunk_elements=self.pool_chunk_elements,
+            mean=self.pool == "mean",
         )
         return volume, depth_prob
 
@@ -595,19 +663,47 @@ class ViewTransformer(nn.Module):
         """Grid-frame position of every frustum point: [B, N, D, fH, fW, 3]."""
         return frustum_to_grid(self.frustum, rots, trans, intrins, post_rots, post_trans, bda)
 
-    def depth_loss(self, gt_depth: torch.Tensor, depth_prob: torch.Tensor) -> torch.Tensor:
-        """Weighted BCE depth loss: gt_depth [B, N, H, W] (0 = no point), depth_prob [B*N, D, fH, fW]."""
+    def depth_target_bins(
+        self,
+        gt_depth: torch.Tensor,
+        *,
+        gt_occ: torch.Tensor | None = None,
+        points: torch.Tensor | None = None,
+        fix_bin_offset: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Depth targets (bins [B*N*fH*fW] int64, valid [B*N*fH*fW] bool) of gt_depth [B, N, H, W].
+
+        A feature cell's target is the nearest LiDAR depth of its patch. With ``depth_from_occupancy``,
+        cells without a LiDAR point take the depth of the first labelled voxel along their ray instead
+        (:func:`occupancy_depth`; needs ``gt_occ`` [B, X, Y, Z] and the frustum ``points``
+        [B, N, D, fH, fW, 3] of :meth:`geometry`). ``fix_bin_offset``: None = the configured binning.
+        """
         if gt_depth.dim() != 4 or tuple(gt_depth.shape[-2:]) != self.input_size:
             raise ValueError(
                 f"gt_depth must be [B, N, {self.input_size[0]}, {self.input_size[1]}], "
                 f"got {tuple(gt_depth.shape)}"
             )
-        bins, valid = depth_targets(
-            gt_depth,
-            downsample=self.downsample,
-            depth_bound=self.depth_bound,
-            fix_bin_offset=self.fix_depth_bin_offset,
-        )
+        depth = nearest_patch_depth(gt_depth, self.downsample)  # [B*N*fH*fW]
+        if self.depth_from_occupancy:
+            if gt_occ is None or points is None:
+                raise ValueError("view_transformer.depth_from_occupancy needs gt_occ and the frustum points")
+            bin_depths = self.frustum[:, 0, 0, 2]  # [D]
+            filled = occupancy_depth(points, bin_depths, gt_occ, self.point_cloud_range)
+            depth = torch.where(depth >= NO_DEPTH, filled, depth)
+        fix = self.fix_depth_bin_offset if fix_bin_offset is None else fix_bin_offset
+        return depth_to_bins(depth, self.depth_bound, fix_bin_offset=fix)
+
+    def depth_loss(
+        self,
+        gt_depth: torch.Tensor,
+        depth_prob: torch.Tensor,
+        *,
+        gt_occ: torch.Tensor | None = None,
+        points: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Weighted BCE depth loss: gt_depth [B, N, H, W] (0 = no point), depth_prob [B*N, D, fH, fW];
+        targets from :meth:`depth_target_bins`."""
+        bins, valid = self.depth_target_bins(gt_depth, gt_occ=gt_occ, points=points)
         return self.depth_loss_weight * depth_bce_loss(depth_prob, bins, valid)
 
     def _check_inputs(self, feats: torch.Tensor, *cams: torch.Tensor) -> None:
