@@ -294,7 +294,7 @@ def measure_coverage(
 # Text
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Left-aligned first column, right-aligned others, two spaces between."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
@@ -332,9 +332,9 @@ def format_coverage(counts: CoverageCounts, grid: GridConfig) -> str:
                 *(f"{_pct(total[k], total['gt_voxels']):.1f}" for k in ("in_view", "lifted", "active")),
             ]
         )
-    classes = _table(["class", "GT voxels", "in view %", "lifted %", "encoder %"], rows)
+    classes = text_table(["class", "GT voxels", "in view %", "lifted %", "encoder %"], rows)
     z0, dz = grid.point_cloud_range[2], grid.lss_voxel_size[2]
-    levels = _table(
+    levels = text_table(
         ["LSS z", "height (m)", "lifted %", "encoder %"],
         [
             [

@@ -482,6 +482,31 @@ def depth_targets(
     return depth_to_bins(nearest, depth_bound, fix_bin_offset=fix_bin_offset)
 
 
+def first_labelled_hit(
+    points: torch.Tensor,
+    gt_occ: torch.Tensor,
+    point_cloud_range: tuple[float, float, float, float, float, float],
+    ignore_index: int = 255,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per feature cell, the first frustum point along its ray that lies in a labelled occupied voxel.
+
+    points [B, N, D, fH, fW, 3] (grid frame, nearest bin first), gt_occ [B, X, Y, Z] (0 empty,
+    ``ignore_index`` unknown) -> (depth-bin index [B, N, fH, fW] int64, label [B, N, fH, fW] int64). The
+    label is 0 (and the index meaningless) where the ray leaves the grid without a hit or meets an
+    unknown voxel first.
+    """
+    size = gt_occ.shape[1:]
+    lower = points.new_tensor(point_cloud_range[:3])
+    voxel = (points.new_tensor(point_cloud_range[3:]) - lower) / points.new_tensor(size)
+    index, inside = voxel_indices(points, lower, voxel, tuple(int(s) for s in size))  # [B, N, D, fH, fW]
+    labels = torch.where(inside, gt_occ.reshape(-1).long()[index], torch.zeros_like(index))
+    nonempty = labels != 0
+    first = nonempty.int().argmax(dim=2, keepdim=True)  # [B, N, 1, fH, fW]: first non-empty bin (0 if none)
+    hit_label = labels.gather(2, first).squeeze(2)  # [B, N, fH, fW]
+    hit = nonempty.any(dim=2) & (hit_label != ignore_index)
+    return first.squeeze(2), torch.where(hit, hit_label, torch.zeros_like(hit_label))
+
+
 def occupancy_depth(
     points: torch.Tensor,
     bin_depths: torch.Tensor,
@@ -493,20 +518,12 @@ def occupancy_depth(
 
     points [B, N, D, fH, fW, 3] (grid frame, nearest bin first), bin_depths [D], gt_occ [B, X, Y, Z]
     (0 empty, ``ignore_index`` unknown) -> [B*N*fH*fW] fp32 in (camera, row, column) order;
-    :data:`NO_DEPTH` where the ray leaves the grid without a hit or meets an unknown voxel first.
+    :data:`NO_DEPTH` where the ray leaves the grid without a hit or meets an unknown voxel first
+    (:func:`first_labelled_hit`).
     """
-    b, n, d, fh, fw, _ = points.shape
-    size = gt_occ.shape[1:]
-    lower = points.new_tensor(point_cloud_range[:3])
-    voxel = (points.new_tensor(point_cloud_range[3:]) - lower) / points.new_tensor(size)
-    index, inside = voxel_indices(points, lower, voxel, tuple(int(s) for s in size))  # [B, N, D, fH, fW]
-    labels = torch.where(inside, gt_occ.reshape(-1).long()[index], torch.zeros_like(index))  # [B, N, D, fH, fW]
-    nonempty = labels != 0
-    first = nonempty.int().argmax(dim=2, keepdim=True)  # [B, N, 1, fH, fW]: first non-empty bin (0 if none)
-    hit_label = labels.gather(2, first).squeeze(2)  # [B, N, fH, fW]
-    hit = nonempty.any(dim=2) & (hit_label != ignore_index)
-    depth = bin_depths.float()[first.squeeze(2)]  # [B, N, fH, fW]
-    return torch.where(hit, depth, torch.full_like(depth, NO_DEPTH)).reshape(-1)
+    first, label = first_labelled_hit(points, gt_occ, point_cloud_range, ignore_index)
+    depth = bin_depths.float()[first]  # [B, N, fH, fW]
+    return torch.where(label != 0, depth, torch.full_like(depth, NO_DEPTH)).reshape(-1)
 
 
 def depth_bce_loss(depth_prob: torch.Tensor, bins: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,11 @@
-"""``spotocc diagnose DIAGNOSIS``: what a configuration and dataset do, without trained weights.
+"""``spotocc diagnose DIAGNOSIS``: what a configuration, a dataset or a trained checkpoint does.
 
     spotocc diagnose coverage spotocc_kitti --data /data/SemanticKITTI --samples 20
     spotocc diagnose coverage runs/kitti/config.json --data /data/SemanticKITTI --split train --json cov.json
     spotocc diagnose coverage synthetic_tiny --data data/synthetic_tiny grid.lss_downsample=4
     spotocc diagnose memorise synthetic_tiny --data data/synthetic_tiny --variant gt-features --steps 100
     spotocc diagnose memorise synthetic_tiny --data data/synthetic_tiny --variant gt-depth --json mem.json
+    spotocc diagnose depth runs/tiny/checkpoints/last --split train --samples 8
 
 ``coverage``: per class present, the share of GT voxels that some camera sees, whose LSS cell receives a
 frustum point, and whose LSS cell the sparse encoder's finest level keeps active; per LSS height level,
@@ -15,6 +16,12 @@ the share of cells that receive a frustum point and that are active. See
 augmentation) and scores per-class IoU on those same scenes: the whole pipeline, the pipeline with LiDAR
 ground-truth depth in the lift, the head alone on features made from the GT, or the image -> voxel
 stages with a per-voxel classifier instead of the head. See :mod:`spotocc.diagnostics.memorise`.
+
+``depth``: per class, how well a trained checkpoint's depth net finds the depth of the surface each
+feature cell sees (LiDAR where the cell has a point, else the first labelled voxel on its ray): the
+share of cells whose most likely bin is within a bin of it, the probability there, the error in
+metres. A class the lift smears along its rays is not learned downstream. See
+:mod:`spotocc.diagnostics.depth`.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ class _IntermixedParser(argparse.ArgumentParser):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Checks of a configuration and dataset that need no trained weights."
+    parser.description = "Checks of a configuration, a dataset or a trained checkpoint."
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "examples:\n" + "\n".join(__doc__.split("\n\n")[1].splitlines())
     diagnoses = parser.add_subparsers(
@@ -97,6 +104,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     memorise.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     memorise.add_argument("--json", metavar="OUT", help="also write the metrics to this file")
     memorise.set_defaults(run=_memorise)
+
+    depth = diagnoses.add_parser(
+        "depth", help="per class: how well a trained checkpoint's depth net finds the depth of what it sees"
+    )
+    depth.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint dir, .safetensors or work dir")
+    depth.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (data paths, ...)")
+    depth.add_argument("--data", metavar="ROOT", help="dataset root (default: the checkpoint config's)")
+    depth.add_argument("--split", help="split to read (default: the config's data.val_split)")
+    depth.add_argument(
+        "--samples", type=int, default=10, metavar="N", help="the first N samples (default 10)"
+    )
+    depth.add_argument(
+        "--tolerance", type=int, default=1, metavar="BINS", help="bins either side that count (default 1)"
+    )
+    depth.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    depth.add_argument("--json", metavar="OUT", help="also write the per-class numbers to this file")
+    depth.set_defaults(run=_depth)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -232,6 +256,65 @@ def _memorise(args: argparse.Namespace) -> int:
     print(f"trained {result.steps} steps in {result.train_seconds:.0f} s; {result.seconds:.0f} s in all")
     if args.json:
         out = {"config": cfg.name, "split": split, "data_root": str(cfg.data.root), **result.to_dict()}
+        try:
+            write_text_atomic(args.json, json.dumps(out, indent=2) + "\n")
+        except OSError as err:
+            return _error(f"cannot write {args.json}: {err}")
+    return 0
+
+
+def _depth(args: argparse.Namespace) -> int:
+    import torch
+
+    from spotocc.data.files import DataFileError
+    from spotocc.diagnostics.depth import format_depth_accuracy, measure_depth_accuracy
+    from spotocc.diagnostics.memorise import without_augmentation
+    from spotocc.engine.atomic import write_text_atomic
+    from spotocc.engine.checkpoint import CheckpointError
+    from spotocc.engine.eval_cli import apply_data_arguments
+    from spotocc.engine.evaluator import default_dataset_factory, load_model_from_checkpoint
+
+    if args.samples < 1:
+        return _error(f"--samples must be >= 1, got {args.samples}")
+    if args.tolerance < 0:
+        return _error(f"--tolerance must be >= 0, got {args.tolerance}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return _error("--device cuda: no CUDA device is available")
+    if not Path(args.checkpoint).exists():
+        return _error(f"checkpoint {args.checkpoint} does not exist")
+    device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    try:
+        model, cfg = load_model_from_checkpoint(args.checkpoint, overrides=args.overrides, device=device)
+        apply_data_arguments(cfg, args)  # --data -> data.root
+    except (CheckpointError, ValueError, FileNotFoundError) as err:
+        return _error(str(err))
+    if not Path(cfg.data.root).exists():
+        return _error(f"data root {cfg.data.root} does not exist")
+    split = args.split or cfg.data.val_split
+    try:
+        # train=True for the LiDAR depth; the training transform without augmentation
+        dataset = default_dataset_factory(without_augmentation(cfg), split, train=True)
+        if len(dataset) == 0:
+            return _error(f"split {split!r} of {cfg.data.root} has no samples")
+        acc = measure_depth_accuracy(
+            model, cfg, dataset, args.samples, tolerance=args.tolerance, device=device
+        )
+    except (DataFileError, ValueError, OSError) as err:
+        return _error(str(err))
+
+    vt = cfg.model.view_transformer
+    samples = f"{acc.num_samples} sample{'s' * (acc.num_samples != 1)}"
+    print(
+        f"{cfg.name}: split {split!r}, {samples}, depth bins {vt.depth_bound[0]:g}..{vt.depth_bound[1]:g} m "
+        f"by {vt.depth_bound[2]:g} m, feature stride {vt.downsample}, from {args.checkpoint}"
+    )
+    print(format_depth_accuracy(acc))
+    print(
+        "cells: feature cells (rays) whose first labelled voxel is of the class and whose reference depth "
+        "is in range; reference: the cell's nearest LiDAR depth, else the depth of that first voxel"
+    )
+    if args.json:
+        out = {"checkpoint": str(args.checkpoint), "config": cfg.name, "split": split, **acc.to_dict()}
         try:
             write_text_atomic(args.json, json.dumps(out, indent=2) + "\n")
         except OSError as err:
