@@ -21,7 +21,7 @@ other: an LSS cell is larger than a GT voxel, and the frustum samples the image 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -278,16 +278,28 @@ def measure_coverage(
     """Coverage counts over the first ``num_samples`` samples of ``dataset`` (one sample at a time)."""
     probe = probe or CoverageProbe.from_config(cfg)
     total = CoverageCounts(probe.class_names, tuple(cfg.grid.lss_size))
+    for sample in labelled_samples(dataset, num_samples, "coverage", on_sample):
+        total.add(probe.measure(collate([sample])))
+    return total
+
+
+def labelled_samples(
+    dataset: Sequence[dict[str, Any]],
+    num_samples: int,
+    purpose: str,
+    on_sample: Callable[[int, int], None] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The first ``num_samples`` samples of ``dataset``, one at a time; a sample without ``gt_occ`` is a
+    ValueError naming it and ``purpose``. ``on_sample(done, total)`` after each one is used."""
     n = min(num_samples, len(dataset))
     for i in range(n):
         sample = dataset[i]
         if "gt_occ" not in sample:
             sample_id = sample.get("meta", {}).get("sample_id", i)
-            raise ValueError(f"sample {sample_id} has no ground truth (gt_occ); coverage needs labels")
-        total.add(probe.measure(collate([sample])))
+            raise ValueError(f"sample {sample_id} has no ground truth (gt_occ); {purpose} needs labels")
+        yield sample
         if on_sample is not None:
             on_sample(i + 1, n)
-    return total
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 from spotocc.config import Config
 from spotocc.data.batch import collate
 from spotocc.data.classes import class_set
-from spotocc.diagnostics.coverage import text_table
+from spotocc.diagnostics.coverage import labelled_samples, text_table
 from spotocc.engine.evaluator import move_to_device
 from spotocc.models.occupancy import CAMERA_KEYS, OccupancyModel
 from spotocc.models.view_transform import (
@@ -153,20 +153,13 @@ def measure_depth_accuracy(
     vt = model.view_transformer
     total = DepthAccuracy(class_set(cfg.data.class_set)[0], tolerance, float(vt.depth_bound[2]))
     model.eval()
-    n = min(num_samples, len(dataset))
-    for i in range(n):
-        sample = dataset[i]
-        if "gt_occ" not in sample:
-            sample_id = sample.get("meta", {}).get("sample_id", i)
-            raise ValueError(f"sample {sample_id} has no ground truth (gt_occ); depth accuracy needs labels")
+    for sample in labelled_samples(dataset, num_samples, "depth accuracy", on_sample):
         batch = move_to_device(collate([sample]), torch.device(device))
         _, depth_prob = model.lift(model.encode_images(batch["img"]), batch)  # [N, D, fH, fW]
         probs = depth_prob.float().permute(0, 2, 3, 1).reshape(-1, depth_prob.shape[1])  # [M, D]
         bins, valid, labels, from_lidar = cell_depth_references(model, batch)
         total.add(probs[valid], bins[valid], labels[valid], from_lidar[valid])
         total.num_samples += 1
-        if on_sample is not None:
-            on_sample(i + 1, n)
     return total
 
 

@@ -81,9 +81,9 @@ class GroundTruthDepth:
     :meth:`set` takes a batch (its ``gt_depth`` [B, N, H, W]); the next depth-net outputs then carry logits
     +-``logit`` around the true bin (``depth_target_bins(..., fix_bin_offset=True)``, the bin whose frustum
     depth is nearest) at every feature cell with a LiDAR point (or, under
-    ``view_transformer.depth_from_occupancy``, with a labelled voxel along its ray), so the softmax there is one-hot to
-    within ``D * exp(-2 * logit)``. Other cells and the context channels are the network's own. Use as
-    a context manager (or call :meth:`remove`) to take the hook off.
+    ``view_transformer.depth_from_occupancy``, with a labelled voxel along its ray), so the softmax
+    there is one-hot to within ``D * exp(-2 * logit)``. Other cells and the context channels are the
+    network's own. Use as a context manager (or call :meth:`remove`) to take the hook off.
     """
 
     def __init__(self, view_transformer: ViewTransformer, *, logit: float = 20.0) -> None:
