@@ -37,7 +37,9 @@ def _build(preset: str, input_size: tuple[int, int]) -> tuple[ImageEncoder, View
 
 def test_synthetic_tiny_path_trains_every_parameter():
     torch.manual_seed(0)
-    input_size = get_config("synthetic_tiny").data.input_size
+    cfg = get_config("synthetic_tiny")
+    input_size, stride = cfg.data.input_size, cfg.model.view_transformer.downsample
+    dmin, dmax, dstep = cfg.model.view_transformer.depth_bound
     encoder, vt = _build("synthetic_tiny", input_size)
     encoder.train(), vt.train()
     with torch.no_grad():  # timm zero-initialises each residual block's last BN (as if pretrained instead)
@@ -47,14 +49,22 @@ def test_synthetic_tiny_path_trains_every_parameter():
     b, n = 2, 1
     img = torch.randn(b, n, 3, *input_size)
     feats = encoder(img)
-    assert feats.shape == (b, n, 96, input_size[0] // 16, input_size[1] // 16)
-    volume, depth_prob = vt(feats, *_cameras(b, n, input_size, kitti=True))
-    assert volume.shape == (b, 32, 32, 32, 8) and depth_prob.shape == (b * n, 112, 6, 20)
+    fh, fw = input_size[0] // stride, input_size[1] // stride
+    assert feats.shape == (b, n, 96, fh, fw)
+    cams = _cameras(b, n, input_size, kitti=True)
+    volume, depth_prob = vt(feats, *cams)
+    num_bins = round((dmax - dmin) / dstep)
+    assert volume.shape == (b, 32, 32, 32, 8) and depth_prob.shape == (b * n, num_bins, fh, fw)
     occupied = (volume.abs().sum(dim=1) > 0).flatten(1).sum(dim=1)
     assert (occupied > 0).all()
     gt_depth = torch.zeros(b, n, *input_size)
     gt_depth[..., ::7, ::5] = torch.rand(b, n, *gt_depth[..., ::7, ::5].shape[2:]) * 40 + 3
-    loss = (volume * torch.randn_like(volume)).sum() + vt.depth_loss(gt_depth, depth_prob)
+    loss = (volume * torch.randn_like(volume)).sum() + vt.depth_loss(
+        gt_depth,
+        depth_prob,
+        gt_occ=torch.zeros(b, *cfg.grid.occ_size, dtype=torch.uint8),
+        points=vt.geometry(*cams),
+    )
     loss.backward()
     params = list(encoder.named_parameters()) + list(vt.named_parameters())
     no_grad = [

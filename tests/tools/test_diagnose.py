@@ -14,7 +14,7 @@ from spotocc.cli import main
 from spotocc.config import GridConfig, apply_overrides, get_config
 from spotocc.data import build_dataset
 from spotocc.data.synthetic import generate, source_image_size
-from spotocc.diagnostics.coverage import CoverageProbe, project_points
+from spotocc.diagnostics.coverage import CoverageProbe, measure_coverage, project_points
 from spotocc.models.view_transform import image_aug_transform
 
 # --------------------------------------------------------------------------------------------------
@@ -197,6 +197,35 @@ def test_coverage_command_on_generated_semantickitti_scenes(tiny_kitti, tmp_path
     assert len(saved["levels"]) == 8 and all(lv["cells"] == 2 * 32 * 32 for lv in saved["levels"])
     assert all(lv["lifted"] <= lv["active"] for lv in saved["levels"])
     assert sum(lv["lifted"] for lv in saved["levels"]) > 0
+
+
+def _lifted_shares(cfg, root) -> dict[str, tuple[int, float]]:
+    cfg = apply_overrides(cfg, [f"data.root={root}"])
+    counts = measure_coverage(cfg, build_dataset(cfg, "train", train=False), 2).to_dict()
+    return {c["name"]: (c["gt_voxels"], c["lifted_pct"]) for c in counts["classes"]}
+
+
+def _lifted_below_half(shares: dict[str, tuple[int, float]]) -> dict[str, float]:
+    """The classes with at least 200 GT voxels whose LSS cells the lift reaches for less than half of them."""
+    return {
+        n: pct for n, (voxels, pct) in shares.items() if voxels >= 200 and n != "unlabeled" and pct < 50.0
+    }
+
+
+def test_synthetic_tiny_lifts_most_voxels_of_every_class(tiny_kitti):
+    # The preset's rays (192x640 at stride 8) reach most GT voxels of every class, as spotocc_kitti's do
+    # (car 85%, building 41% at 370x1226). The former preset (96x320 at stride 16) fails the same check.
+    shares = _lifted_shares(get_config("synthetic_tiny"), tiny_kitti)
+    assert {"car", "road", "building"} <= {n for n, (voxels, _) in shares.items() if voxels >= 200}
+    assert _lifted_below_half(shares) == {}
+
+    former = [
+        "data.input_size=(96, 320)",
+        "view_transformer.downsample=16",
+        "image_neck.upsample_strides=(0.5, 1, 2)",
+    ]
+    former_below = _lifted_below_half(_lifted_shares(get_config("synthetic_tiny", former), tiny_kitti))
+    assert {"car", "building"} <= set(former_below)
 
 
 def test_overrides_may_follow_options(tiny_kitti, tmp_path, capsys):

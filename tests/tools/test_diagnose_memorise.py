@@ -34,6 +34,8 @@ from spotocc.tools.diagnose import MEMORISE_VARIANTS
 TINY = [
     "grid.occ_size=(16, 16, 16)",
     "data.input_size=(32, 64)",
+    "view_transformer.downsample=16",
+    "image_neck.upsample_strides=(0.5, 1, 2)",
     "view_transformer.depth_bound=(2.0, 50.0, 2.0)",
     "head.num_points=512",
 ]
@@ -142,6 +144,7 @@ def test_gt_depth_lift_receives_one_hot_lidar_depth(tiny):
 
 def test_gt_depth_hook_keeps_the_predicted_depth_where_no_lidar_point(tiny):
     cfg, _, scenes = tiny
+    cfg = apply_overrides(copy.deepcopy(cfg), ["view_transformer.depth_from_occupancy=false"])  # LiDAR only
     model = _model(cfg).eval()
     vt = model.view_transformer
     batch = collate(scenes[:1])

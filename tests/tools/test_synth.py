@@ -19,7 +19,7 @@ def test_synth_with_the_synthetic_tiny_preset_writes_its_grid_and_image_size(tmp
     assert (voxels / "000000.label").stat().st_size == 64 * 64 * 16 * 2
     assert (voxels / "000000.invalid").stat().st_size == 64 * 64 * 16 // 8
     with Image.open(out / "dataset" / "sequences" / "08" / "image_2" / "000000.png") as img:
-        assert img.size == (320, 96)
+        assert img.size == (640, 192)  # the preset's input size
 
 
 def test_synth_nuscenes_with_explicit_grid_and_image_size_and_overwrite(tmp_path, capsys):

@@ -62,7 +62,7 @@ DEFAULT_GRIDS: dict[str, GridConfig] = {
     ),
 }
 DEFAULT_IMAGE_SIZES: dict[str, tuple[int, int]] = {
-    "semantickitti": (96, 320),  # the synthetic_tiny network input, KITTI's aspect ratio
+    "semantickitti": (192, 640),  # the synthetic_tiny network input, KITTI's aspect ratio
     "nuscenes-occupancy": (90, 160),  # 1600x900 / 10
 }
 
