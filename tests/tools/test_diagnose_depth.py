@@ -9,12 +9,9 @@ import pytest
 import torch
 
 from spotocc.cli import main
-from spotocc.config import apply_overrides, get_config
-from spotocc.data import build_dataset
 from spotocc.data.batch import collate
-from spotocc.data.synthetic import generate, source_image_size
 from spotocc.diagnostics.depth import DepthAccuracy, cell_depth_references, measure_depth_accuracy
-from spotocc.diagnostics.memorise import GroundTruthDepth, without_augmentation
+from spotocc.diagnostics.memorise import GroundTruthDepth
 from spotocc.engine.checkpoint import save_weights_file
 from spotocc.models import build_model
 from spotocc.models.occupancy import CAMERA_KEYS
@@ -29,15 +26,9 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
+def scenes(generated_scenes):
     """(config, root, scenes): two generated SemanticKITTI-layout scenes read without augmentation."""
-    cfg = get_config("synthetic_tiny", TINY)
-    root = tmp_path_factory.mktemp("depth")
-    generate(root, "semantickitti", num_train=2, num_val=0, seed=3, grid=cfg.grid,
-             image_size=source_image_size(cfg.data), lidar_azimuth_steps=128)  # fmt: skip
-    cfg = apply_overrides(cfg, [f"data.root={root}"])
-    dataset = build_dataset(without_augmentation(cfg), "train", train=True)
-    return cfg, root, [dataset[i] for i in range(len(dataset))]
+    return generated_scenes(TINY, "depth")
 
 
 def _model(cfg):
