@@ -82,6 +82,22 @@ def test_forward_train_backward_and_predict_batch_2(tiny_batch, head_type):
     assert 0 <= int(labels.min()) and int(labels.max()) < cfg.model.head.num_classes
 
 
+def test_image_semantic_loss_trains_the_context_classifier_and_the_image_side(tiny_batch):
+    cfg, batch = tiny_batch
+    cfg = apply_overrides(copy.deepcopy(cfg), ["view_transformer.semantic_loss_weight=0.5"])
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    losses = model.forward_train(batch)
+    semantic = losses["loss_image_semantic"]
+    assert torch.isfinite(semantic) and semantic.item() > 0
+    semantic.backward()
+    classifier = model.view_transformer.context_classifier
+    assert classifier.out_channels == cfg.model.head.num_classes
+    assert classifier.weight.grad.abs().sum() > 0
+    assert model.image_backbone.body.conv1.weight.grad.abs().sum() > 0  # reaches the image backbone
+    assert all(p.grad is None for p in model.head.parameters())  # a 2D loss: the 3D side takes no part
+
+
 def test_predict_of_a_batch_equals_per_sample_predictions(tiny_batch):
     cfg, batch = tiny_batch
     torch.manual_seed(0)

@@ -405,6 +405,38 @@ def test_depth_from_occupancy_fills_only_cells_without_lidar(fix):
         vt.depth_loss(gt, probs)
 
 
+def test_semantic_loss_is_the_cross_entropy_of_each_cell_against_its_first_labelled_voxel():
+    vt = _tiny_view_transformer(
+        depth_bound=(2.0, 4.0, 0.5), downsample=4, input_size=(8, 8), context_channels=3,
+        point_cloud_range=(0.0, 0.0, 0.0, 4.0, 4.0, 1.0), grid_size=(4, 4, 1),
+        semantic_loss_weight=2.0, num_classes=10,
+    )  # fmt: skip
+    points = _axis_rays(4, 4, [0.5, 1.5, 2.5, 3.5]).view(1, 1, 4, 2, 2, 3)  # cells (0,0) (0,1) (1,0) (1,1)
+    gt_occ = torch.zeros(1, 4, 4, 1, dtype=torch.long)
+    gt_occ[0, 3, 0, 0], gt_occ[0, 1, 1, 0] = 9, 4  # cell 0 sees class 9, cell 1 class 4
+    gt_occ[0, 1, 2, 0], gt_occ[0, 3, 2, 0] = 255, 7  # cell 2 meets an unknown voxel first; cell 3 nothing
+    torch.manual_seed(0)
+    context = torch.randn(1, 3, 2, 2)
+    logits = vt.context_classifier(context).permute(0, 2, 3, 1).reshape(4, 10)  # rows = cells
+    hand = (F.cross_entropy(logits[0], torch.tensor(9)) + F.cross_entropy(logits[1], torch.tensor(4))) / 2
+    loss = vt.semantic_loss(context, gt_occ, points)
+    assert loss.item() == pytest.approx(2.0 * hand.item(), rel=1e-5)
+    loss.backward()
+    assert vt.context_classifier.weight.grad.abs().sum() > 0
+
+
+def test_semantic_loss_is_off_by_default_and_adds_no_parameters():
+    plain = _tiny_view_transformer()
+    assert plain.context_classifier is None
+    with pytest.raises(RuntimeError, match="semantic_loss_weight is 0"):
+        plain.semantic_loss(torch.zeros(1, 4, 4, 11), torch.zeros(1, 128, 128, 10), torch.zeros(1, 1, 112, 4, 11, 3))
+    switched = _tiny_view_transformer(semantic_loss_weight=1.0, num_classes=17)
+    extra = sum(p.numel() for p in switched.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == 4 * 17 + 17  # one 1x1 conv from the context channels to the classes
+    with pytest.raises(ValueError, match="semantic_loss_weight"):
+        _tiny_view_transformer(semantic_loss_weight=1.0)  # no num_classes
+
+
 # --------------------------------------------------------------------------------------------------
 # Depth net pieces
 

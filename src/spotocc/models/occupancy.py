@@ -60,7 +60,7 @@ class OccupancyModel(nn.Module):
             image_backbone=ImageBackbone.from_config(cfg.model.image_backbone, load_weights=load_pretrained),
             image_neck=SECONDFPN.from_config(cfg.model.image_neck),
             view_transformer=ViewTransformer.from_config(
-                cfg.model.view_transformer, cfg.grid, cfg.data.input_size
+                cfg.model.view_transformer, cfg.grid, cfg.data.input_size, cfg.model.head.num_classes
             ),
             voxel_encoder=SparseLatentDiffuser.from_config(cfg.model),
             voxel_neck=SparseFeaturePyramid.from_config(cfg.model),
@@ -97,13 +97,19 @@ class OccupancyModel(nn.Module):
     # public entry points
 
     def forward_train(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Every loss: ``loss_depth`` (when the batch has ``gt_depth``) plus the head's losses."""
+        """Every loss: ``loss_depth`` (when the batch has ``gt_depth``), ``loss_image_semantic`` (under
+        ``view_transformer.semantic_loss_weight``) and the head's losses."""
         if "gt_occ" not in batch:
             raise KeyError("forward_train needs 'gt_occ' in the batch (a training split with labels)")
-        voxel_feats, depth_prob = self.extract_features(batch)
+        vt = self.view_transformer
+        volume, depth_prob, context = vt.lift(self.encode_images(batch["img"]), *(batch[k] for k in CAMERA_KEYS))
+        voxel_feats = self.encode_voxels(volume)
         losses: dict[str, torch.Tensor] = {}
         if "gt_depth" in batch:
             losses["loss_depth"] = self.depth_loss(batch, depth_prob)
+        if vt.context_classifier is not None:
+            points = vt.geometry(*(batch[key] for key in CAMERA_KEYS))  # [B, N, D, fH, fW, 3]
+            losses["loss_image_semantic"] = vt.semantic_loss(context, batch["gt_occ"], points)
         losses.update(self.head.forward_train(voxel_feats, batch["gt_occ"]))
         return losses
 

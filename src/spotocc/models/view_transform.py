@@ -569,6 +569,8 @@ class ViewTransformer(nn.Module):
         pool_chunk_elements: int = 1 << 23,
         pool: str = "sum",
         depth_from_occupancy: bool = False,
+        semantic_loss_weight: float = 0.0,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         if camera_params not in (27, 33):
@@ -580,8 +582,14 @@ class ViewTransformer(nn.Module):
             )
         if pool not in ("sum", "mean"):
             raise ValueError(f"view_transformer.pool must be 'sum' or 'mean', got {pool!r}")
+        if semantic_loss_weight < 0 or (semantic_loss_weight > 0 and num_classes < 2):
+            raise ValueError(
+                "view_transformer.semantic_loss_weight must be >= 0 and needs the head's num_classes "
+                f"(got weight {semantic_loss_weight}, num_classes {num_classes})"
+            )
         self.pool = pool
         self.depth_from_occupancy = depth_from_occupancy
+        self.semantic_loss_weight = semantic_loss_weight
         self.point_cloud_range = tuple(float(v) for v in point_cloud_range)
         self.camera_params = camera_params
         self.downsample = downsample
@@ -610,12 +618,17 @@ class ViewTransformer(nn.Module):
             aspp_mid_channels=aspp_mid_channels,
             activation_checkpointing=activation_checkpointing,
         )
+        # not released (no parameters unless switched on): context features -> class logits per cell
+        self.context_classifier = (
+            nn.Conv2d(context_channels, num_classes, kernel_size=1) if semantic_loss_weight > 0 else None
+        )
 
     @classmethod
     def from_config(
-        cls, cfg: ViewTransformerConfig, grid: GridConfig, input_size: tuple[int, int]
+        cls, cfg: ViewTransformerConfig, grid: GridConfig, input_size: tuple[int, int], num_classes: int = 0
     ) -> ViewTransformer:
-        """``input_size`` = the network input (H, W) (``DataConfig.input_size``); the grid is the LSS grid."""
+        """``input_size`` = the network input (H, W) (``DataConfig.input_size``); the grid is the LSS grid;
+        ``num_classes`` (the head's) sizes the context classifier of ``cfg.semantic_loss_weight``."""
         return cls(
             in_channels=cfg.in_channels,
             context_channels=cfg.context_channels,
@@ -633,6 +646,8 @@ class ViewTransformer(nn.Module):
             pool_chunk_elements=cfg.pool_chunk_elements,
             pool=cfg.pool,
             depth_from_occupancy=cfg.depth_from_occupancy,
+            semantic_loss_weight=cfg.semantic_loss_weight,
+            num_classes=num_classes,
         )
 
     def forward(
@@ -647,6 +662,20 @@ class ViewTransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """feats [B, N, C, fH, fW] + camera tensors (batch contract) -> (volume [B, Ct, X, Y, Z] fp32 with
         exact zeros at empty voxels, channels_last_3d memory format; depth_prob [B*N, D, fH, fW])."""
+        volume, depth_prob, _ = self.lift(feats, rots, trans, intrins, post_rots, post_trans, bda)
+        return volume, depth_prob
+
+    def lift(
+        self,
+        feats: torch.Tensor,
+        rots: torch.Tensor,
+        trans: torch.Tensor,
+        intrins: torch.Tensor,
+        post_rots: torch.Tensor,
+        post_trans: torch.Tensor,
+        bda: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward` that also returns the context features [B*N, Ct, fH, fW] it lifted."""
         b, n, c, fh, fw = feats.shape
         self._check_inputs(feats, rots, trans, intrins, post_rots, post_trans, bda)
         camera = camera_parameter_vector(
@@ -666,7 +695,7 @@ class ViewTransformer(nn.Module):
             chunk_elements=self.pool_chunk_elements,
             mean=self.pool == "mean",
         )
-        return volume, depth_prob
+        return volume, depth_prob, context
 
     def geometry(
         self,
@@ -722,6 +751,21 @@ class ViewTransformer(nn.Module):
         targets from :meth:`depth_target_bins`."""
         bins, valid = self.depth_target_bins(gt_depth, gt_occ=gt_occ, points=points)
         return self.depth_loss_weight * depth_bce_loss(depth_prob, bins, valid)
+
+    def semantic_loss(self, context: torch.Tensor, gt_occ: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """Weighted cross-entropy of the context classifier (``semantic_loss_weight`` > 0).
+
+        context [B*N, Ct, fH, fW] from :meth:`lift`, gt_occ [B, X, Y, Z], points [B, N, D, fH, fW, 3] from
+        :meth:`geometry`. A cell's target is the class of the first labelled voxel along its ray
+        (:func:`first_labelled_hit`); cells whose ray meets nothing labelled are left out.
+        """
+        if self.context_classifier is None:
+            raise RuntimeError("view_transformer.semantic_loss_weight is 0: there is no context classifier")
+        _, label = first_labelled_hit(points, gt_occ, self.point_cloud_range)  # [B, N, fH, fW], 0 = none
+        logits = self.context_classifier(context)  # [B*N, K, fH, fW]
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            ce = F.cross_entropy(logits.float(), label.flatten(0, 1), ignore_index=0, reduction="sum")
+            return self.semantic_loss_weight * ce / (label != 0).sum().clamp(min=1)
 
     def _check_inputs(self, feats: torch.Tensor, *cams: torch.Tensor) -> None:
         if feats.dim() != 5:
