@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from spotocc.data.safe_pickle import RestrictedUnpickler
+
 
 class DataFileError(ValueError):
     """A dataset file is missing, truncated, of the wrong size or not readable."""
@@ -115,49 +117,18 @@ def load_npy(path: str | Path, what: str, *, header_only: bool = False) -> np.nd
 # --------------------------------------------------------------------------------------------------
 # Restricted unpickling (info files)
 
-# Globals a plain info pickle may reference: containers and numpy arrays/scalars, nothing that can
-# run code. numpy >= 2 moved numpy.core to numpy._core; both spellings appear in real files, and
-# protocol-2 pickles name the builtins module "__builtin__".
-_ALLOWED_GLOBALS = frozenset(
-    {
-        ("collections", "OrderedDict"),
-        *(
-            (module, name)
-            for module in ("builtins", "__builtin__")
-            for name in ("set", "frozenset", "bytearray", "complex")
-        ),
-        ("_codecs", "encode"),  # protocol-2 pickles store bytes (numpy array buffers) this way
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-    }
-)
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS or (module == "numpy.dtypes" and name.endswith("DType")):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"refusing to load {module}.{name}: only plain containers and numpy arrays are allowed"
-        )
-
 
 def load_restricted_pickle(path: str | Path, what: str = "pickle") -> Any:
-    """Unpickle a file that may contain only plain containers, strings, numbers and numpy arrays.
+    """Unpickle a file that may hold only plain data: containers, strings, numbers, bytes, sets and
+    numpy arrays, scalars and dtypes, of any pickle protocol (0-5), numpy 1.x or 2.x names.
 
-    Anything else (a class instance, a function reference) raises :class:`DataFileError` without
-    being constructed, so a tampered info file cannot run code.
+    Anything else (a class instance, a function reference) raises :class:`DataFileError` without being
+    constructed, so a tampered info file cannot run code (see :mod:`spotocc.data.safe_pickle`).
     """
     path = require_file(path, what)
     data = path.read_bytes()
     try:
-        return _RestrictedUnpickler(io.BytesIO(data)).load()
+        return RestrictedUnpickler(io.BytesIO(data)).load()
     except pickle.UnpicklingError as err:
         raise DataFileError(path, f"{what} is not a plain pickle: {err}") from err
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
