@@ -20,7 +20,7 @@ from spotocc.config import get_config
 from spotocc.engine import eval_cli, predict_cli
 from spotocc.engine.checkpoint import CheckpointError, load_weights_file
 from spotocc.engine.evaluator import load_model_from_checkpoint
-from spotocc.tools.released_checkpoint import UnsafeCheckpointError, build_model_from_released
+from spotocc.tools.released_checkpoint import build_model_from_released
 
 # the pickle global numpy scalars reduce to: numpy.core.multiarray.scalar (numpy 1), numpy._core.* (2)
 NUMPY_SCALAR = f"{np.int64(0).__reduce__()[0].__module__}.scalar"
@@ -62,12 +62,23 @@ def run_cli(argv, capsys):
     return code, out.out, out.err
 
 
-def test_numpy_meta_is_refused_by_default_with_the_way_on(release, tmp_path, capsys):
-    path, _ = release
+class _Exec:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def test_code_in_a_release_still_needs_the_unsafe_flag(tmp_path, capsys):
+    path, marker = tmp_path / "evil.pth", tmp_path / "code_ran"
+    torch.save({"meta": {"epoch": np.int64(1), "x": _Exec(marker)}, "state_dict": {}}, path)
     out = tmp_path / "converted.safetensors"
-    code, _, err = run_cli(["convert-checkpoint", str(path), str(out), "--preset", PRESET], capsys)
-    assert code == 1 and not out.exists()
-    assert NUMPY_SCALAR in err and "--allow-numpy-pickle" in err
+    for flags in ([], ["--allow-numpy-pickle"]):  # the old numpy flag opens nothing more
+        argv = ["convert-checkpoint", str(path), str(out), "--preset", PRESET, *flags]
+        code, _, err = run_cli(argv, capsys)
+        assert code == 1 and not out.exists() and not marker.exists()
+        assert "builtins.exec" in err and "--allow-unsafe-pickle" in err and NUMPY_SCALAR not in err
 
 
 def test_convert_writes_safetensors_that_eval_loads_alone(release, tmp_path, capsys):
@@ -79,7 +90,6 @@ def test_convert_writes_safetensors_that_eval_loads_alone(release, tmp_path, cap
         str(out),
         "--preset",
         PRESET,
-        "--allow-numpy-pickle",
         "data.root=/d",
     ]
     code, stdout, err = run_cli(argv, capsys)
@@ -117,8 +127,8 @@ def test_convert_writes_safetensors_that_eval_loads_alone(release, tmp_path, cap
 def test_eval_and_predict_load_a_released_pth_with_config(release):
     path, state = release
     with pytest.raises(CheckpointError, match=r"--config \(it looks like spotocc_nusc_256\)"):
-        load_model_from_checkpoint(path, allow_numpy_pickle=True)
-    model, cfg = load_model_from_checkpoint(path, config=PRESET, allow_numpy_pickle=True)
+        load_model_from_checkpoint(path)
+    model, cfg = load_model_from_checkpoint(path, config=PRESET)
     assert cfg.name == PRESET and not model.training
     own = model.state_dict()
     assert torch.equal(
@@ -131,7 +141,7 @@ def test_eval_and_predict_load_a_released_pth_with_config(release):
 
 def test_build_model_from_released(release):
     path, state = release
-    model, report = build_model_from_released(get_config(PRESET), path, allow_numpy=True)
+    model, report = build_model_from_released(get_config(PRESET), path)
     own = model.state_dict()
     assert report.config_name == PRESET and report.ignored == ["optimizer"]
     assert report.meta["epoch"] == 24
@@ -151,12 +161,13 @@ def test_eval_cli_routes_a_released_pth_and_its_pickle_flags(release, capsys):
     path, _ = release
     parser = argparse.ArgumentParser()
     eval_cli.add_arguments(parser)
-    args = parser.parse_args([str(path), "--config", PRESET, "--device", "cpu", "--no-progress"])
-    with pytest.raises(UnsafeCheckpointError, match="--allow-numpy-pickle"):
-        eval_cli.main(args, dataset_factory=lambda cfg, split, train=None: _NoSamples())
-    args = parser.parse_args([str(path), "--config", PRESET, "--allow-numpy-pickle", "--num-workers", "0"])
-    assert eval_cli.main(args, dataset_factory=lambda cfg, split, train=None: _NoSamples()) == 0
-    assert f"0 samples scored, from {path}" in capsys.readouterr().out
+    # the numpy scalar in meta needs no flag; --allow-numpy-pickle is still accepted (and does nothing)
+    for flags in ([], ["--allow-numpy-pickle"]):
+        args = parser.parse_args(
+            [str(path), "--config", PRESET, "--num-workers", "0", "--no-progress", *flags]
+        )
+        assert eval_cli.main(args, dataset_factory=lambda cfg, split, train=None: _NoSamples()) == 0
+        assert f"0 samples scored, from {path}" in capsys.readouterr().out
 
     parser = argparse.ArgumentParser()
     predict_cli.add_arguments(parser)

@@ -82,24 +82,57 @@ def test_unsafe_pickle_opt_in_really_runs_the_files_code(tmp_path):
     assert torch.equal(ckpt.state_dict["img_neck.deblocks.0.1.weight"], torch.arange(4.0))
 
 
+def fake_release_with_numpy_meta(path: Path, *, zip_format: bool = True) -> OrderedDict:
+    """A released-style .pth whose mmcv ``meta`` holds numpy scalars and arrays; returns its state dict."""
+    state = tiny_state()
+    meta = {
+        "mmcv_version": "1.4.0",
+        "epoch": np.int64(24),
+        "hook_msgs": {"best_score": np.float64(0.1372)},
+        "mean": np.arange(3.0),
+        "empty_boxes": np.zeros((0, 7), dtype=np.float32),
+    }
+    torch.save({"meta": meta, "state_dict": state}, path, _use_new_zipfile_serialization=zip_format)
+    return state
+
+
+def _check_numpy_meta(ckpt, state) -> None:
+    meta = ckpt.meta
+    assert type(meta["epoch"]) is np.int64 and meta["epoch"] == 24
+    assert type(meta["hook_msgs"]["best_score"]) is np.float64
+    assert meta["hook_msgs"]["best_score"] == pytest.approx(0.1372)
+    assert meta["mean"].tolist() == [0.0, 1.0, 2.0] and meta["empty_boxes"].shape == (0, 7)
+    assert ckpt.meta_summary() == {"mmcv_version": "1.4.0", "epoch": 24}
+    assert type(ckpt.meta_summary()["epoch"]) is int
+    assert list(ckpt.state_dict) == list(state)
+    assert all(torch.equal(ckpt.state_dict[k], v) for k, v in state.items())
+
+
 @pytest.mark.parametrize("zip_format", [True, False])
-def test_numpy_in_meta_needs_the_numpy_opt_in(tmp_path, zip_format):
+def test_numpy_in_meta_loads_by_default(tmp_path, zip_format):
     path = tmp_path / "numpy_meta.pth"
-    checkpoint = rl.mmcv_checkpoint(
-        tiny_state(), epoch=np.int64(24), hook_msgs={"best_score": np.float64(0.1372)}, mean=np.arange(3.0)
-    )
-    torch.save(checkpoint, path, _use_new_zipfile_serialization=zip_format)
+    state = fake_release_with_numpy_meta(path, zip_format=zip_format)
+    _check_numpy_meta(read_released_checkpoint(path), state)
+
+    # allow_numpy=False is the strict reading: tensors and containers only
     with pytest.raises(UnsafeCheckpointError) as info:
-        read_released_checkpoint(path)
-    assert info.value.globals_needed and all(g.startswith("numpy.") for g in info.value.globals_needed)
-    assert "--allow-numpy-pickle" in str(info.value)
+        read_released_checkpoint(path, allow_numpy=False)
+    needed = info.value.globals_needed  # numpy's, and bytes for the empty array's buffer
+    assert needed and all(g.startswith("numpy.") or g == "builtins.bytes" for g in needed)
+    assert "allow_numpy=False" in str(info.value) and "--allow-unsafe-pickle" not in str(info.value)
     if zip_format:  # the static scan of a zip file names every global at once
         assert {NUMPY_SCALAR, "numpy.dtype"} <= set(info.value.globals_needed)
 
-    ckpt = read_released_checkpoint(path, allow_numpy=True)
-    assert ckpt.meta["hook_msgs"]["best_score"] == pytest.approx(0.1372)
-    assert ckpt.meta_summary()["epoch"] == 24 and type(ckpt.meta_summary()["epoch"]) is int
-    assert torch.equal(ckpt.state_dict["img_neck.deblocks.0.1.bias"], torch.ones(4))
+
+def test_numpy_1_names_in_a_legacy_release_load(tmp_path):
+    # the same file as numpy 1.x writes it: torch.save pickles at protocol 2, so every global is a
+    # newline-terminated GLOBAL opcode and the legacy format is read as a stream
+    path = tmp_path / "numpy1.pth"
+    state = fake_release_with_numpy_meta(path, zip_format=False)
+    data = path.read_bytes()
+    assert data.count(b"numpy._core.") >= 2
+    path.write_bytes(data.replace(b"cnumpy._core.", b"cnumpy.core."))
+    _check_numpy_meta(read_released_checkpoint(path), state)
 
 
 def test_layouts_prefix_and_ignored_entries(tmp_path):

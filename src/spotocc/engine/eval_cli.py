@@ -79,7 +79,6 @@ def main(
                 config=args.config,
                 device=info.device,
                 model_factory=model_factory,
-                allow_numpy_pickle=args.allow_numpy_pickle,
                 allow_unsafe_pickle=args.allow_unsafe_pickle,
             )
         apply_data_arguments(cfg, args)

@@ -302,7 +302,7 @@ def load_model_from_checkpoint(
     config: str | None = None,
     device: torch.device | str = "cpu",
     model_factory: ModelFactory | None = None,
-    allow_numpy_pickle: bool = False,
+    allow_numpy_pickle: bool = True,
     allow_unsafe_pickle: bool = False,
 ) -> tuple[nn.Module, Config]:
     """Rebuild the model from the checkpoint's embedded config (plus ``overrides``) and load its weights.

@@ -62,7 +62,6 @@ def main(
             config=args.config,
             device=info.device,
             model_factory=model_factory,
-            allow_numpy_pickle=args.allow_numpy_pickle,
             allow_unsafe_pickle=args.allow_unsafe_pickle,
         )
         if Path(args.input).is_dir():

@@ -38,7 +38,8 @@ def add_pickle_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-numpy-pickle",
         action="store_true",
-        help="also accept numpy scalars/arrays/dtypes in a released .pth (e.g. in its meta); nothing else",
+        help="accepted and ignored (no longer needed): numpy scalars/arrays/dtypes in a released .pth "
+        "(e.g. in its meta) are allowed by default; anything else needs --allow-unsafe-pickle",
     )
     parser.add_argument(
         "--allow-unsafe-pickle",
@@ -61,7 +62,6 @@ def main(args: argparse.Namespace) -> int:
             args.released,
             out,
             cfg,
-            allow_numpy=args.allow_numpy_pickle,
             allow_unsafe_pickle=args.allow_unsafe_pickle,
         )
     except ReleasedCheckpointError as err:

@@ -2,15 +2,17 @@
 
 A released checkpoint (mmcv 1.4 ``save_checkpoint``) is a pickle: ``{"meta": {...}, "state_dict":
 OrderedDict(name -> tensor), optionally "optimizer": ...}``. Pickles can run code when loaded, and these
-files come from a file-sharing site, so they are read with ``torch.load(weights_only=True)``: only
-tensors and plain containers. A file that needs anything else is refused with a message naming the
-Python globals it asks for, and two explicit ways on:
+files come from a file-sharing site, so they are read with ``torch.load(weights_only=True)``: tensors,
+plain containers and, since mmcv's ``meta`` commonly holds them (an epoch counter, a best score), numpy
+scalars, arrays and dtypes. Rebuilding those runs numpy's own constructors only (the allow-list is
+:func:`spotocc.data.safe_pickle.numpy_globals`, numpy 1.x and 2.x names). A file that needs anything
+else is refused with a message naming the Python globals it asks for, and one explicit way on:
 
-- ``allow_numpy=True`` (``--allow-numpy-pickle``): additionally allow numpy scalars, arrays and dtypes
-  (mmcv's ``meta`` may hold e.g. a ``numpy.float64`` best score). Rebuilding them runs numpy's own
-  array constructors only; everything else stays refused.
 - ``allow_unsafe_pickle=True`` (``--allow-unsafe-pickle``): ``weights_only=False``. This EXECUTES
   WHATEVER CODE THE FILE CONTAINS; only for files whose source you trust.
+
+``allow_numpy=False`` refuses the numpy types too. ``--allow-numpy-pickle``, once needed for them, is
+still accepted and does nothing.
 
 The weights are then mapped onto spotocc's names by :mod:`spotocc.models.released` (strict, one to one).
 """
@@ -127,39 +129,22 @@ def is_released_checkpoint_path(path: str | os.PathLike) -> bool:
 
 
 def numpy_safe_globals() -> list[Any]:
-    """The numpy types a ``meta`` dict may hold, for ``torch.serialization.safe_globals``.
+    """The numpy arrays, scalars and dtypes a ``meta`` may hold, for ``torch.serialization.safe_globals``.
 
-    Scalars (``multiarray.scalar``), arrays (``multiarray._reconstruct`` + ``ndarray``) and dtypes. Both the
-    numpy 1.x (``numpy.core``) and 2.x (``numpy._core``) module spellings are listed, since the file
-    names the module of the numpy that wrote it.
+    Each entry is ``(object, "module.name")`` under both the numpy 1.x (``numpy.core``) and 2.x
+    (``numpy._core``) spellings, since the file names the module of the numpy that wrote it; plus
+    ``bytes``, which protocol 2 (``torch.save``'s) calls for an empty array's buffer.
     """
-    import numpy as np
+    from spotocc.data.safe_pickle import numpy_globals
 
-    try:
-        from numpy._core import multiarray  # numpy >= 2
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray  # type: ignore[no-redef]
-
-    entries: list[Any] = [np.ndarray, np.dtype]
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        entries += [
-            (multiarray.scalar, f"{module}.scalar"),
-            (multiarray._reconstruct, f"{module}._reconstruct"),
-        ]
-    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles dtypes by their class
-    if dtypes is not None:
-        entries += [
-            getattr(dtypes, n)
-            for n in dir(dtypes)
-            if isinstance(getattr(dtypes, n), type) and issubclass(getattr(dtypes, n), np.dtype)
-        ]
-    return entries
+    entries: list[Any] = [(obj, f"{module}.{name}") for (module, name), obj in numpy_globals().items()]
+    return [*entries, (bytes, "builtins.bytes")]
 
 
 def read_released_checkpoint(
-    path: str | os.PathLike, *, allow_numpy: bool = False, allow_unsafe_pickle: bool = False
+    path: str | os.PathLike, *, allow_numpy: bool = True, allow_unsafe_pickle: bool = False
 ) -> ReleasedCheckpoint:
-    """Read a released ``.pth`` safely (see the module docstring for the two opt-ins).
+    """Read a released ``.pth`` safely (see the module docstring for what is allowed).
 
     Accepts ``{"state_dict": ..., "meta": ...}`` (mmcv), ``{"model": ...}`` or a bare name -> tensor
     dict; a ``module.`` prefix on every name is stripped. Raises :class:`UnsafeCheckpointError` (which
@@ -234,20 +219,16 @@ def _refused_globals(path: Path, err: Exception) -> list[str]:
     return sorted(set(found))
 
 
-def _is_numpy_global(name: str) -> bool:
-    return name.split(".", 1)[0] == "numpy"
-
-
 def _unsafe_message(path: Path, needed: list[str], allow_numpy: bool) -> str:
     lines = [
         f"refusing to load {path}: besides tensors and plain containers, unpickling it needs these Python "
         f"objects: {', '.join(needed)}. Loading them with full pickle would let the file run code, so "
         "spotocc does not do that by default."
     ]
-    if all(_is_numpy_global(n) for n in needed) and not allow_numpy:
+    if not allow_numpy and set(needed) <= {name for _, name in numpy_safe_globals()}:
         lines.append(
-            "They are numpy scalar/array/dtype types (typically in the mmcv 'meta' dict). To allow exactly "
-            "those and nothing else, rerun with --allow-numpy-pickle (Python: allow_numpy=True)."
+            "They are numpy scalar/array/dtype types (typically in the mmcv 'meta' dict), refused because "
+            "allow_numpy=False was given; the default (allow_numpy=True) allows exactly those."
         )
     else:
         lines.append(
@@ -282,7 +263,7 @@ def load_released_checkpoint(
     path: str | os.PathLike,
     *,
     config_name: str = "",
-    allow_numpy: bool = False,
+    allow_numpy: bool = True,
     allow_unsafe_pickle: bool = False,
 ) -> ReleasedLoadReport:
     """Load a released ``.pth`` into a built :class:`~spotocc.models.OccupancyModel` (not on ``meta``),
@@ -297,7 +278,7 @@ def load_released_checkpoint(
 
 
 def build_model_from_released(
-    cfg: Config, path: str | os.PathLike, *, allow_numpy: bool = False, allow_unsafe_pickle: bool = False
+    cfg: Config, path: str | os.PathLike, *, allow_numpy: bool = True, allow_unsafe_pickle: bool = False
 ) -> tuple[torch.nn.Module, ReleasedLoadReport]:
     """Build ``cfg``'s model (no pretrained backbone download/load) and load a released ``.pth`` into it."""
     from spotocc.models import build_model
@@ -314,7 +295,7 @@ def convert_released_checkpoint(
     out: str | os.PathLike,
     cfg: Config,
     *,
-    allow_numpy: bool = False,
+    allow_numpy: bool = True,
     allow_unsafe_pickle: bool = False,
 ) -> ReleasedLoadReport:
     """Released ``.pth`` -> spotocc ``.safetensors`` with ``cfg`` embedded (all eval / predict need).
