@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spotocc.errors import ConfigError, MissingConfigError
+
 # --------------------------------------------------------------------------------------------------
 # Geometry shared by data and model
 
@@ -303,15 +305,15 @@ def get_config(name: str, overrides: Sequence[str] = ()) -> Config:
     path = Path(name)
     if name.endswith(".json"):
         if not path.is_file():
-            raise FileNotFoundError(f"config file {name} does not exist")
+            raise MissingConfigError(f"config file {name} does not exist")
         try:
             cfg = Config.from_dict(json.loads(path.read_text()))
         except (json.JSONDecodeError, TypeError, ValueError) as err:
-            raise ValueError(f"config file {name} is not a valid spotocc config: {err}") from err
+            raise ConfigError(f"config file {name} is not a valid spotocc config: {err}") from err
     else:
         presets = list_presets()
         if name not in presets:
-            raise ValueError(f"unknown preset {name!r}; available: {', '.join(presets)}")
+            raise ConfigError(f"unknown preset {name!r}; available: {', '.join(presets)}")
         cfg = importlib.import_module(f"spotocc.configs.{name}").config()
     return apply_overrides(cfg, overrides)
 
@@ -320,7 +322,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     """Apply ``a.b.c=value`` overrides in place (values parsed as Python literals) and return ``cfg``."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
         key = key.strip()
         head, _, rest = key.partition(".")
@@ -330,11 +332,11 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
         node: Any = cfg
         for part in parents:
             if not dataclasses.is_dataclass(node) or not hasattr(node, part):
-                raise ValueError(f"override {item!r}: no config section {part!r}")
+                raise ConfigError(f"override {item!r}: no config section {part!r}")
             node = getattr(node, part)
         fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
         if leaf not in fields:
-            raise ValueError(f"override {item!r}: unknown key {key!r}")
+            raise ConfigError(f"override {item!r}: unknown key {key!r}")
         hints = typing.get_type_hints(type(node))
         setattr(node, leaf, _coerce(_parse_value(raw), hints[leaf], key))
     return cfg
@@ -366,10 +368,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except (TypeError, ValueError):
                 pass
-        raise ValueError(f"{where}: {value!r} does not fit {hint}")
+        raise ConfigError(f"{where}: {value!r} does not fit {hint}")
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return _from_dict(hint, value, where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -377,23 +379,23 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], where) for v in value)
         if len(args) != len(value):
-            raise ValueError(f"{where}: expected {len(args)} values, got {value!r}")
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, where) for a, v in zip(args, value, strict=True))
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true/false, got {value!r}")
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
     if hint is str:
         if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     return value
 
@@ -403,6 +405,6 @@ def _from_dict(cls: Any, data: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     return cls(**kwargs)

@@ -77,8 +77,9 @@ def test_code_in_a_release_still_needs_the_unsafe_flag(tmp_path, capsys):
     for flags in ([], ["--allow-numpy-pickle"]):  # the old numpy flag opens nothing more
         argv = ["convert-checkpoint", str(path), str(out), "--preset", PRESET, *flags]
         code, _, err = run_cli(argv, capsys)
-        assert code == 1 and not out.exists() and not marker.exists()
+        assert code == 2 and not out.exists() and not marker.exists()
         assert "builtins.exec" in err and "--allow-unsafe-pickle" in err and NUMPY_SCALAR not in err
+        assert err.startswith("spotocc convert-checkpoint: error: refusing to load") and err.count("\n") == 1
 
 
 def test_convert_writes_safetensors_that_eval_loads_alone(release, tmp_path, capsys):
@@ -187,7 +188,7 @@ def test_wrong_preset_is_refused_naming_the_right_one(release, tmp_path, capsys)
         "--allow-numpy-pickle",
     ]
     code, _, err = run_cli(argv, capsys)
-    assert code == 1 and not out.exists()
+    assert code == 2 and not out.exists()
     assert "they look like preset 'spotocc_nusc_256'" in err
     assert "spot_cross_attn.alpha" in err  # listed among the released tensors no rule maps
 
@@ -197,4 +198,4 @@ def test_output_must_be_safetensors(release, tmp_path, capsys):
     code, _, err = run_cli(
         ["convert-checkpoint", str(path), str(tmp_path / "x.pth"), "--preset", PRESET], capsys
     )
-    assert code == 1 and ".safetensors" in err
+    assert code == 2 and ".safetensors" in err

@@ -17,12 +17,20 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from spotocc.data.safe_pickle import RestrictedUnpickler
+from spotocc.errors import SpotoccError
 
 
-class DataFileError(ValueError):
-    """A dataset file is missing, truncated, of the wrong size or not readable."""
+class DataFileError(SpotoccError, ValueError):
+    """A dataset file is missing, truncated, of the wrong size or not readable.
 
-    def __init__(self, path: str | Path, problem: str) -> None:
+    ``message=`` alone is a DataLoader worker's re-raise (see :class:`~spotocc.errors.SpotoccError`).
+    """
+
+    def __init__(self, path: str | Path = "", problem: str = "", *, message: str | None = None) -> None:
+        if message is not None:
+            super().__init__(message=message)
+            self.path, self.problem = "", str(self)
+            return
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
@@ -31,8 +39,10 @@ class DataFileError(ValueError):
 class MissingFileError(DataFileError, FileNotFoundError):
     """A dataset file does not exist (also a :class:`FileNotFoundError`)."""
 
-    def __init__(self, path: str | Path, problem: str = "file is missing") -> None:
-        super().__init__(path, problem)
+    def __init__(
+        self, path: str | Path = "", problem: str = "file is missing", *, message: str | None = None
+    ) -> None:
+        super().__init__(path, problem, message=message)
 
 
 def require_file(path: str | Path, what: str = "file") -> Path:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from spotocc.engine.atomic import fsync_dir, fsync_file
+from spotocc.errors import SpotoccError
 
 __all__ = [
     "CheckpointError",
@@ -61,7 +62,7 @@ CONFIG_METADATA_KEY = "spotocc_config"
 _GENERATION = re.compile(r"^ckpt_(\d{6})_step(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SpotoccError, RuntimeError):
     """A checkpoint that is missing, incomplete, truncated or corrupt (the message names the file)."""
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from spotocc.config import Config
+from spotocc.errors import SpotoccError
 from spotocc.models.backbones import ImageBackbone, mmcls_efficientnet_key_to_timm, timm_key_to_module_key
 from spotocc.models.heads.sparseocc import SparseOccHead
 from spotocc.models.heads.spot import SpotOccHead
@@ -120,7 +121,7 @@ HEAD_RULES: dict[str, list[tuple[str, str]]] = {
 _HEAD_TYPES: dict[type[nn.Module], str] = {SpotOccHead: "spot", SparseOccHead: "sparseocc"}
 
 
-class ReleasedCheckpointError(ValueError):
+class ReleasedCheckpointError(SpotoccError, ValueError):
     """Released weights that do not fit the spotocc model one to one (the message lists the names)."""
 
 

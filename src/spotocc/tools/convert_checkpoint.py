@@ -15,10 +15,10 @@ Exit code 0 on success, 1 when the file is refused or does not fit the preset (t
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from spotocc.config import get_config, list_presets
+from spotocc.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,24 +49,16 @@ def add_pickle_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from spotocc.models.released import ReleasedCheckpointError
     from spotocc.tools.released_checkpoint import convert_released_checkpoint
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
-        print(f"error: OUT must end in .safetensors, got {out}", file=sys.stderr)
-        return 1
+        raise UsageError(f"OUT must end in .safetensors, got {out}")
     cfg = get_config(args.preset, args.overrides)
-    try:
-        report = convert_released_checkpoint(
-            args.released,
-            out,
-            cfg,
-            allow_unsafe_pickle=args.allow_unsafe_pickle,
-        )
-    except ReleasedCheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    # a ReleasedCheckpointError (refused pickle, names that do not map) is reported by spotocc.cli
+    report = convert_released_checkpoint(
+        args.released, out, cfg, allow_unsafe_pickle=args.allow_unsafe_pickle
+    )
     print(report.summary())
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) with the {cfg.name} config embedded")
     print(f"evaluate it with: spotocc eval {out} --data <dataset root>")

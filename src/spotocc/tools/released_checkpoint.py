@@ -64,9 +64,11 @@ _META_SUMMARY_KEYS = ("mmcv_version", "time", "epoch", "iter", "CLASSES")
 class UnsafeCheckpointError(ReleasedCheckpointError):
     """A checkpoint that needs more than tensors and plain containers to unpickle (refused by default)."""
 
-    def __init__(self, message: str, globals_needed: list[str]) -> None:
-        super().__init__(message)
-        self.globals_needed = globals_needed
+    def __init__(
+        self, text: str = "", globals_needed: list[str] | None = None, *, message: str | None = None
+    ) -> None:
+        super().__init__(*((text,) if message is None else ()), message=message)
+        self.globals_needed = globals_needed or []
 
 
 @dataclass
