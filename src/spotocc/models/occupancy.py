@@ -102,13 +102,14 @@ class OccupancyModel(nn.Module):
         if "gt_occ" not in batch:
             raise KeyError("forward_train needs 'gt_occ' in the batch (a training split with labels)")
         vt = self.view_transformer
-        volume, depth_prob, context = vt.lift(self.encode_images(batch["img"]), *(batch[k] for k in CAMERA_KEYS))
+        cams = [batch[key] for key in CAMERA_KEYS]
+        volume, depth_prob, context = vt(self.encode_images(batch["img"]), *cams, with_context=True)
         voxel_feats = self.encode_voxels(volume)
         losses: dict[str, torch.Tensor] = {}
         if "gt_depth" in batch:
             losses["loss_depth"] = self.depth_loss(batch, depth_prob)
         if vt.context_classifier is not None:
-            points = vt.geometry(*(batch[key] for key in CAMERA_KEYS))  # [B, N, D, fH, fW, 3]
+            points = vt.geometry(*cams)  # [B, N, D, fH, fW, 3]
             losses["loss_image_semantic"] = vt.semantic_loss(context, batch["gt_occ"], points)
         losses.update(self.head.forward_train(voxel_feats, batch["gt_occ"]))
         return losses

@@ -659,23 +659,12 @@ class ViewTransformer(nn.Module):
         post_rots: torch.Tensor,
         post_trans: torch.Tensor,
         bda: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        *,
+        with_context: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         """feats [B, N, C, fH, fW] + camera tensors (batch contract) -> (volume [B, Ct, X, Y, Z] fp32 with
-        exact zeros at empty voxels, channels_last_3d memory format; depth_prob [B*N, D, fH, fW])."""
-        volume, depth_prob, _ = self.lift(feats, rots, trans, intrins, post_rots, post_trans, bda)
-        return volume, depth_prob
-
-    def lift(
-        self,
-        feats: torch.Tensor,
-        rots: torch.Tensor,
-        trans: torch.Tensor,
-        intrins: torch.Tensor,
-        post_rots: torch.Tensor,
-        post_trans: torch.Tensor,
-        bda: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`forward` that also returns the context features [B*N, Ct, fH, fW] it lifted."""
+        exact zeros at empty voxels, channels_last_3d memory format; depth_prob [B*N, D, fH, fW]), and with
+        ``with_context`` also the context features [B*N, Ct, fH, fW] that were lifted."""
         b, n, c, fh, fw = feats.shape
         self._check_inputs(feats, rots, trans, intrins, post_rots, post_trans, bda)
         camera = camera_parameter_vector(
@@ -695,7 +684,7 @@ class ViewTransformer(nn.Module):
             chunk_elements=self.pool_chunk_elements,
             mean=self.pool == "mean",
         )
-        return volume, depth_prob, context
+        return (volume, depth_prob, context) if with_context else (volume, depth_prob)
 
     def geometry(
         self,
@@ -755,7 +744,7 @@ class ViewTransformer(nn.Module):
     def semantic_loss(self, context: torch.Tensor, gt_occ: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """Weighted cross-entropy of the context classifier (``semantic_loss_weight`` > 0).
 
-        context [B*N, Ct, fH, fW] from :meth:`lift`, gt_occ [B, X, Y, Z], points [B, N, D, fH, fW, 3] from
+        context [B*N, Ct, fH, fW] from ``forward(..., with_context=True)``, gt_occ [B, X, Y, Z], points [B, N, D, fH, fW, 3] from
         :meth:`geometry`. A cell's target is the class of the first labelled voxel along its ray
         (:func:`first_labelled_hit`); cells whose ray meets nothing labelled are left out.
         """
