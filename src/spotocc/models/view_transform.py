@@ -741,12 +741,14 @@ class ViewTransformer(nn.Module):
         bins, valid = self.depth_target_bins(gt_depth, gt_occ=gt_occ, points=points)
         return self.depth_loss_weight * depth_bce_loss(depth_prob, bins, valid)
 
-    def semantic_loss(self, context: torch.Tensor, gt_occ: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    def semantic_loss(
+        self, context: torch.Tensor, gt_occ: torch.Tensor, points: torch.Tensor
+    ) -> torch.Tensor:
         """Weighted cross-entropy of the context classifier (``semantic_loss_weight`` > 0).
 
-        context [B*N, Ct, fH, fW] from ``forward(..., with_context=True)``, gt_occ [B, X, Y, Z], points [B, N, D, fH, fW, 3] from
-        :meth:`geometry`. A cell's target is the class of the first labelled voxel along its ray
-        (:func:`first_labelled_hit`); cells whose ray meets nothing labelled are left out.
+        context [B*N, Ct, fH, fW] from ``forward(..., with_context=True)``, gt_occ [B, X, Y, Z], points
+        [B, N, D, fH, fW, 3] from :meth:`geometry`. A cell's target is the class of the first labelled
+        voxel along its ray (:func:`first_labelled_hit`); cells whose ray meets nothing labelled are left out.
         """
         if self.context_classifier is None:
             raise RuntimeError("view_transformer.semantic_loss_weight is 0: there is no context classifier")
