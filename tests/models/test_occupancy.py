@@ -120,7 +120,7 @@ def test_head_label_method_selects_the_label_formation(tiny_batch, head_type, mo
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     assert model.head.label_method == "direct"
-    from spotocc.models.heads import labels
+    from spotocc.models import labels
 
     calls = []
     module = importlib.import_module(type(model.head).__module__)

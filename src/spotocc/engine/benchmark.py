@@ -183,7 +183,7 @@ def _sync(device: torch.device) -> None:
 
 def infer_stages(model: torch.nn.Module, batch: dict[str, Any], log: _StageLog) -> torch.Tensor:
     """``model.predict(batch)``, stage by stage: int64 labels [B, X, Y, Z]."""
-    from spotocc.models.heads.labels import occupancy_labels
+    from spotocc.models.labels import occupancy_labels
 
     with torch.no_grad():
         with log.stage("image_encoder"):

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from spotocc.models.heads.labels import occupancy_labels
 from spotocc.models.heads.labels_benchmark import (
     benchmark_labels,
     load_head_outputs,
     save_head_outputs,
     structured_head_outputs,
 )
+from spotocc.models.labels import occupancy_labels
 
 
 @pytest.mark.parametrize("preset,num_classes", [("nuscenes", 17), ("kitti", 20)])

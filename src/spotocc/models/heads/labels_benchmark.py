@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from spotocc.engine.atomic import write_bytes_atomic
-from spotocc.models.heads.labels import class_probs_from_logits, occupancy_labels
+from spotocc.models.labels import class_probs_from_logits, occupancy_labels
 
 # Class roles per preset: which class ids are ground regions, buildings, vegetation, vehicles and
 # small objects. Ids follow spotocc.data.classes (class 0 = empty in both).

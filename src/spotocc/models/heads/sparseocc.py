@@ -26,10 +26,10 @@ from torch.utils.checkpoint import checkpoint
 from spotocc.config import HeadConfig
 from spotocc.data.classes import cross_entropy_class_weights
 from spotocc.models.heads.coarse_losses import coarse_voxel_losses
-from spotocc.models.heads.labels import METHODS as LABEL_METHODS
-from spotocc.models.heads.labels import occupancy_labels
 from spotocc.models.heads.positional_encoding import SinePositionalEncoding3D
 from spotocc.models.heads.spot import FeedForward, HeadOutput
+from spotocc.models.labels import METHODS as LABEL_METHODS
+from spotocc.models.labels import occupancy_labels
 
 # --------------------------------------------------------------------------------------------------
 # Masked attention
@@ -329,7 +329,7 @@ class SparseOccHead(nn.Module):
         return class_probs, out.mask_logits[-1]
 
     def predict(self, voxel_feats: list[torch.Tensor], out_size: tuple[int, int, int]) -> torch.Tensor:
-        """int64 labels [B, *out_size] (see :func:`spotocc.models.heads.labels.occupancy_labels`)."""
+        """int64 labels [B, *out_size] (see :func:`spotocc.models.labels.occupancy_labels`)."""
         class_probs, mask_logits = self.predict_logits(voxel_feats)
         return occupancy_labels(class_probs, mask_logits, out_size, self.label_method)
 

@@ -20,10 +20,10 @@ from spotocc.models.heads.denoising import (
     denoising_cross_attn_mask,
     pool_class_masks,
 )
-from spotocc.models.heads.labels import METHODS as LABEL_METHODS
-from spotocc.models.heads.labels import occupancy_labels
 from spotocc.models.heads.positional_encoding import SinePositionalEncoding3D
 from spotocc.models.heads.targets import occupancy_to_class_masks
+from spotocc.models.labels import METHODS as LABEL_METHODS
+from spotocc.models.labels import occupancy_labels
 
 # --------------------------------------------------------------------------------------------------
 # SPOT cross-attention
@@ -518,7 +518,7 @@ class SpotOccHead(nn.Module):
         return class_probs, out.mask_logits[-1]
 
     def predict(self, voxel_feats: list[torch.Tensor], out_size: tuple[int, int, int]) -> torch.Tensor:
-        """int64 labels [B, *out_size] (see :func:`spotocc.models.heads.labels.occupancy_labels`)."""
+        """int64 labels [B, *out_size] (see :func:`spotocc.models.labels.occupancy_labels`)."""
         class_probs, mask_logits = self.predict_logits(voxel_feats)
         return occupancy_labels(class_probs, mask_logits, out_size, self.label_method)
 

@@ -1,6 +1,6 @@
 """Per-sample bounds of ``occupancy_labels(method="bounded")``: labels certified per low-res cell.
 
-See ``spotocc.models.heads.labels`` for the idea. ``BoundedSolver`` decides one sample's cells from
+See ``spotocc.models.labels`` for the idea. ``BoundedSolver`` decides one sample's cells from
 bounds (stages 1 and 2) and hands the cells it cannot decide whole to the batch's ``VoxelWriter``
 as compact summaries (stage 3 runs there, batched across samples).
 """
@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from spotocc.models.heads.labels_axis import AxisMap
-from spotocc.models.heads.labels_voxels import CellSummary, VoxelWriter, Workspace, corner_rows, unravel_cells
+from spotocc.models.labels.axis import AxisMap
+from spotocc.models.labels.voxels import CellSummary, VoxelWriter, Workspace, corner_rows, unravel_cells
 
 
 class BoundedSolver:

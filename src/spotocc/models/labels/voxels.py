@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from spotocc.models.heads.labels_axis import AxisMap
+from spotocc.models.labels.axis import AxisMap
 
 
 class Workspace:

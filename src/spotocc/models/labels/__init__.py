@@ -27,10 +27,15 @@ trilinear interpolation is a convex combination of the cell's 8 corner logits:
    cannot decide (within the bounds' width of a tie) get the formula with every query, from a
    gather of their 8 corner rows.
 
-Stages 1 and 2 run per sample (``labels_bounded``); stage 3 is queued across the batch
-(``labels_voxels``), so many small samples still make large batches. Voxels are evaluated in dense
-batches of cells with equal voxel counts per axis (no per-voxel Python and no per-cell loops), and
-every chunked intermediate stays under ``chunk_bytes``.
+Stages 1 and 2 run per sample (``bounded``); stage 3 is queued across the batch (``voxels``), so
+many small samples still make large batches. Voxels are evaluated in dense batches of cells with
+equal voxel counts per axis (no per-voxel Python and no per-cell loops), and every chunked
+intermediate stays under ``chunk_bytes``.
+
+The package: this module holds the entry point (``occupancy_labels``) and its checks; ``bounded``
+decides a sample's cells from score bounds, ``voxels`` (``VoxelWriter``, shared by the batch) does
+the per-voxel rest and writes the labels, ``axis`` maps output voxels to cells, and ``direct`` is
+the chunked reference formula (``method="direct"``). Both heads form their labels here.
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ import math
 
 import torch
 
-from spotocc.models.heads.labels_axis import AxisMap, axis_map
-from spotocc.models.heads.labels_bounded import BoundedSolver
-from spotocc.models.heads.labels_voxels import VoxelWriter, Workspace
+from spotocc.models.labels.axis import axis_map
+from spotocc.models.labels.bounded import BoundedSolver
+from spotocc.models.labels.direct import direct_labels
+from spotocc.models.labels.voxels import VoxelWriter, Workspace
 
 METHODS = ("bounded", "direct")
 _FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
@@ -121,7 +127,7 @@ def occupancy_labels(
         stats.clear()
     if method == "direct":
         for b in range(batch):
-            _direct_labels(probs[b].float(), logits[b].float(), maps, labels[b], chunk_bytes)
+            direct_labels(probs[b].float(), logits[b].float(), maps, labels[b], chunk_bytes)
         return labels
     margin = _rounding_margin(probs.float(), largest_logit) if margin is None else float(margin)
     # The per-voxel stage is shared by the batch: small samples still make large batches of voxels.
@@ -217,39 +223,3 @@ def _rounding_margin(p: torch.Tensor, largest_logit: float) -> float:
     num_queries = p.shape[-2]
     largest_total = max(1.0, float(p.sum(dim=-2).max()))
     return 4.0 * _FLOAT32_EPS * largest_total * (2.0 * largest_logit + num_queries + 2.0)
-
-
-# --------------------------------------------------------------------------------------------------
-# The reference: the formula evaluated at every output voxel, one slab of output rows at a time.
-
-
-def _lerp_axis(volume: torch.Tensor, dim: int, m: AxisMap, outs: torch.Tensor) -> torch.Tensor:
-    """Linear interpolation of ``volume`` along ``dim`` at the output indices ``outs``."""
-    cells = m.cell[outs]
-    a = volume.index_select(dim, m.lower[cells])
-    b = volume.index_select(dim, m.upper[cells])
-    shape = [1] * volume.dim()
-    shape[dim] = -1
-    return torch.lerp(a, b, m.lam[outs].view(shape))
-
-
-def _direct_labels(
-    p: torch.Tensor, logits: torch.Tensor, maps: tuple[AxisMap, ...], out: torch.Tensor, chunk_bytes: int
-) -> None:
-    """Write the direct formula's argmax into ``out`` [X', Y', Z'], tiling output x (and y) rows."""
-    num_queries = p.shape[0]
-    mx, my, mz = maps
-    row_bytes = 4 * num_queries * my.out_size * mz.out_size  # one output x-row of upsampled logits
-    rows = max(1, chunk_bytes // row_bytes)
-    cols = my.out_size if rows > 1 else max(1, chunk_bytes // (4 * num_queries * mz.out_size))
-    device = p.device
-    for x0 in range(0, mx.out_size, rows):
-        xs = torch.arange(x0, min(x0 + rows, mx.out_size), device=device)
-        slab = _lerp_axis(logits, 1, mx, xs)  # [Q, r, Y, Z]
-        for y0 in range(0, my.out_size, cols):
-            ys = torch.arange(y0, min(y0 + cols, my.out_size), device=device)
-            tile = _lerp_axis(_lerp_axis(slab, 2, my, ys), 3, mz, torch.arange(mz.out_size, device=device))
-            scores = p.t() @ torch.sigmoid_(tile).reshape(num_queries, -1)  # [C, r * y * Z']
-            out[x0 : x0 + xs.numel(), y0 : y0 + ys.numel()] = scores.argmax(dim=0).view(
-                xs.numel(), ys.numel(), mz.out_size
-            )

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from spotocc.models.heads.labels import class_probs_from_logits, occupancy_labels
 from spotocc.models.heads.labels_benchmark import structured_head_outputs
+from spotocc.models.labels import class_probs_from_logits, occupancy_labels
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TIE_TOL = 1e-5  # relative to the largest class total; float32 rounding of the scores is ~1e-6 of it
