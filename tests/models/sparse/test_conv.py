@@ -223,6 +223,47 @@ def test_spconv_is_exact_when_the_caller_runs_two_threads(case):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("mode", ["bf16 features", "fp32 under bf16 autocast", "fp32 under fp16 autocast"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["subm 3x3x3", "strided k3 s2 p1", "transposed 223 s2 p001"])
+def test_reduced_precision_runs_in_the_features_dtype(case, backend, mode, monkeypatch, one_thread):
+    """``--amp``: a sparse conv computes in its features' dtype whatever autocast says, in both backends.
+
+    spconv has no bfloat16 kernels (it raised a KeyError) and its torch ops under autocast mixed dtypes;
+    the reference backend's scatter path failed in index_add_ on float32 features under autocast.
+    """
+    cls, kwargs = CASES[case]
+    torch.manual_seed(0)
+    conv = cls(6, 5, **kwargs)
+    use_backend(conv, backend, monkeypatch)
+    volume = random_volume(2, 6, (7, 6, 5), 0.3, seed=6)
+    dtype = torch.bfloat16 if mode.startswith("bf16") else torch.float32
+    autocast_dtype = torch.float16 if "fp16 autocast" in mode else torch.bfloat16
+    vol = volume.to(dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=autocast_dtype, enabled="autocast" in mode):
+        y = conv(SparseTensor.from_dense(vol))
+    assert y.features.dtype == dtype
+    dense_y = y.dense()
+    probe = torch.randn(dense_y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    (dense_y.double() * probe).sum().backward()
+    assert vol.grad.dtype == dtype and conv.weight.grad.dtype == torch.float32
+
+    w_ref = conv.weight.detach().double().requires_grad_()
+    vol_ref = vol.detach().double().requires_grad_()
+    expected_active, expected_shape = brute_force_active(
+        conv, {tuple(r) for r in (volume.abs().sum(1) != 0).nonzero().tolist()}, volume.shape[2:]
+    )
+    mask = torch.zeros(2, 1, *expected_shape, dtype=torch.float64)
+    for b, *o in expected_active:
+        mask[b, 0, o[0], o[1], o[2]] = 1
+    ref = dense_conv(conv, vol_ref, w_ref, None) * mask
+    (ref * probe).sum().backward()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5  # bfloat16 keeps 8 bits of mantissa
+    for ours, oracle in ((dense_y, ref), (conv.weight.grad, w_ref.grad)):
+        scale = float(oracle.detach().abs().max())
+        assert float((ours.double() - oracle.detach()).abs().max()) <= tol * scale
+
+
 @pytest.mark.parametrize("backend", ["reference", "spconv"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_empty_input(case, backend):

@@ -14,9 +14,13 @@ Backends (``backend=`` of every conv, ``ModelConfig.sparse_backend`` for a whole
   asks CUDA for its current stream even for CPU data (it fails without a GPU; we answer "stream 0"
   when CUDA is unavailable), and its CPU kernels give wrong values for some voxels when torch runs
   more than one thread (we run them, forward and backward, with one thread and restore the count).
+  spconv has no bfloat16 kernels: bfloat16 features run in float32 and come back as bfloat16.
 - ``"auto"`` (default): spconv for CUDA tensors when importable, the reference backend otherwise.
   The CPU default is the reference backend because spconv's CPU build is neither faster nor safe
   there. Set ``SPOTOCC_DISABLE_SPCONV=1`` to never use spconv (a warning says so when it matters).
+
+Both backends compute in the dtype of their input features, with autocast off inside the conv, so a
+model under ``--amp`` gets the same dtypes from either.
 
 Geometry (checked against dense ``conv3d`` / ``conv_transpose3d`` in the tests):
 
@@ -42,7 +46,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -556,6 +560,13 @@ def _offset_major(weight: Tensor, rulebook: _Rulebook) -> Tensor:
     return weight.reshape(c_out, -1, c_in)[:, rulebook.offsets].permute(1, 2, 0).contiguous()
 
 
+def _autocast_off(device: torch.device):
+    """A context that turns autocast off on ``device`` (a sparse conv runs in its features' dtype)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
+
+
 def _reference_conv(
     x: SparseTensor, weight: Tensor, kernel: Int3, stride: Int3, padding: Int3, kind: str
 ) -> SparseTensor:
@@ -564,7 +575,8 @@ def _reference_conv(
     if rulebook is None:
         rulebook = _build_rulebook(x, kernel, stride, padding, kind)
         x._cache.rulebooks[key] = rulebook
-    out = _ReferenceConvFunction.apply(x.features, weight.to(x.features.dtype), rulebook)
+    with _autocast_off(x.features.device):  # the features' dtype, as in the spconv backend
+        out = _ReferenceConvFunction.apply(x.features, weight.to(x.features.dtype), rulebook)
     cache = x._cache if kind == "subm" else None
     return SparseTensor(out, rulebook.out_indices, rulebook.out_shape, x.batch_size, _cache=cache)
 
@@ -643,15 +655,21 @@ def _spconv_conv(
     )
     spatial_shape = list(x.spatial_shape)
     features = x.features.contiguous()
-    weight = weight.to(features.dtype)
+    # Like the reference backend, compute in the features' dtype whatever autocast says (spconv's own
+    # torch ops under autocast mix dtypes and fail), but in float32 for bfloat16 features: spconv has no
+    # bfloat16 kernels (a KeyError deep inside, spconv issue #673), so `--amp bf16` would not run.
+    out_dtype = features.dtype
+    compute_dtype = torch.float32 if out_dtype == torch.bfloat16 else out_dtype
     needs_grad = torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad)
     out_shape: list[Int3] = []
 
     def call(f: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-        sp_in = spconv_pytorch.SparseConvTensor(f, x.indices, spatial_shape, x.batch_size)
-        sp_out = spec._conv_forward(needs_grad, sp_in, w, None)
-        out_shape.append(tuple(int(s) for s in sp_out.spatial_shape))
-        return sp_out.features, sp_out.indices
+        with _autocast_off(f.device):
+            f, w = f.to(compute_dtype), w.to(compute_dtype)
+            sp_in = spconv_pytorch.SparseConvTensor(f, x.indices, spatial_shape, x.batch_size)
+            sp_out = spec._conv_forward(needs_grad, sp_in, w, None)
+            out_shape.append(tuple(int(s) for s in sp_out.spatial_shape))
+            return sp_out.features.to(out_dtype), sp_out.indices
 
     if features.is_cuda:
         # spconv's GEMMs follow torch's TF32 switch, as the reference backend's torch.mm does
