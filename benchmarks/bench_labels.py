@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from spotocc.models.heads.labels_benchmark import benchmark_labels, load_head_outputs, structured_head_outputs
+from spotocc.benchmarking.labels import benchmark_labels, load_head_outputs, structured_head_outputs
 
 PRESETS = {  # low-res mask grid, output grid
     "nuscenes": ((128, 128, 10), (512, 512, 40)),

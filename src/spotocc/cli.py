@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("spotocc.engine.train_cli", "train a preset or config (single process or torchrun)"),
     "eval": ("spotocc.engine.eval_cli", "SSC metrics of a checkpoint or of saved predictions"),
     "predict": ("spotocc.engine.predict_cli", "write one .npz of labels per sample"),
-    "benchmark": ("spotocc.engine.benchmark", "time and memory per stage, or compare two presets"),
+    "benchmark": ("spotocc.commands.benchmark", "time and memory per stage, or compare two presets"),
     "info": ("spotocc.tools.info", "a preset's resolved config and parameter counts per module"),
     "synth": ("spotocc.tools.synth", "generate synthetic scenes in a real dataset layout"),
     "prepare": ("spotocc.tools.prepare", "write dataset info files (nuScenes-Occupancy)"),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from spotocc.models.heads.labels_benchmark import structured_head_outputs
+from spotocc.benchmarking.labels import structured_head_outputs
 from spotocc.models.labels import class_probs_from_logits, occupancy_labels
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -1,14 +1,12 @@
-"""``spotocc benchmark``: time and peak memory of every stage, for one preset or two side by side.
+"""Time and peak memory of every stage of a model, for one config or two side by side.
 
-    spotocc benchmark spotocc_nusc_256                                   # CPU, batch 1, both modes
-    spotocc benchmark spotocc_kitti --device cuda --batch 2 --json kitti.json
-    spotocc benchmark --compare spotocc_nusc_256 sparseocc_nusc_256 --mode infer
+The library behind ``spotocc benchmark`` (its command line is :mod:`spotocc.commands.benchmark`).
 
-What is timed: a model of the preset with random weights (nothing is downloaded) on a batch of the
-preset's real sizes (:mod:`spotocc.engine.benchmark_inputs`). After ``--warmup`` untimed runs, each
-of ``--repeats`` runs times every stage on its own (CUDA synchronised before and after), and the
-median per stage is reported. With ``--compare`` both models live in one process and their runs
-alternate, so both see the same machine state; the printout gives the second over the first.
+What is timed: a model of the config with random weights (nothing is downloaded) on a batch of the
+config's real sizes (:mod:`spotocc.benchmarking.inputs`). After ``warmup`` untimed runs, each of
+``repeats`` runs times every stage on its own (CUDA synchronised before and after), and the median
+per stage is reported. With two configs both models live in one process and their runs alternate,
+so both see the same machine state; the report gives the second over the first.
 
 - ``infer``: ``model.eval()`` under ``torch.no_grad``: image_encoder (backbone + SECONDFPN),
   view_transformer (depth net, lift, voxel pooling), voxel_encoder, voxel_neck, head (decoder up to
@@ -19,14 +17,12 @@ alternate, so both see the same machine state; the printout gives the second ove
   and optimizer (gradient clipping and the AdamW step of the preset's optimiser).
 
 Peak memory per stage: the CUDA allocator's peak, or on CPU the resident set's high-water mark during
-the stage (see :mod:`spotocc.engine.memory`), as the highest total and as growth over the stage's
+the stage (see :mod:`spotocc.benchmarking.memory`), as the highest total and as growth over the stage's
 start, in one extra run after the timed ones (measuring memory costs time of its own).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
 import time
@@ -38,18 +34,10 @@ from typing import Any
 
 import torch
 
-from spotocc.config import Config, get_config
-from spotocc.engine.memory import MemoryPeak, measure_peak, resident_mib
+from spotocc.config import Config
+from spotocc.benchmarking.memory import MemoryPeak, measure_peak, resident_mib
 
-__all__ = [
-    "INFER_STAGES",
-    "MODES",
-    "TRAIN_STAGES",
-    "add_arguments",
-    "benchmark",
-    "format_report",
-    "main",
-]
+__all__ = ["INFER_STAGES", "MODES", "TRAIN_STAGES", "benchmark", "format_report"]
 
 INFER_STAGES = ("image_encoder", "view_transformer", "voxel_encoder", "voxel_neck", "head", "labels")
 TRAIN_STAGES = (
@@ -62,65 +50,6 @@ TRAIN_STAGES = (
     "optimizer",
 )
 MODES = ("infer", "train")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "examples:\n" + "\n".join(__doc__.split("\n\n")[1].splitlines())
-    parser.add_argument("preset", nargs="?", help="preset or saved config (.json) to time")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (all models)")
-    parser.add_argument(
-        "--compare", nargs=2, metavar=("A", "B"), help="time two presets side by side, alternating"
-    )
-    parser.add_argument("--batch", type=int, default=1, help="samples per batch (default 1)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="default: cpu")
-    parser.add_argument(
-        "--mode", default="both", choices=("infer", "train", "both"), help="what to time (default both)"
-    )
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
-    parser.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0, help="weights and inputs")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-
-
-def main(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    if args.compare and args.preset and "=" in args.preset:  # the first override, not a preset
-        overrides.insert(0, args.preset)
-        args.preset = None
-    if bool(args.preset) == bool(args.compare):
-        raise SystemExit("spotocc benchmark: give one PRESET, or --compare A B (not both)")
-    for name in ("batch", "repeats"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"spotocc benchmark: --{name} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise SystemExit(f"spotocc benchmark: --warmup must be >= 0, got {args.warmup}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("spotocc benchmark: --device cuda, but torch sees no CUDA device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    names = list(args.compare or [args.preset])
-    configs = [get_config(name, overrides) for name in names]
-    result = benchmark(
-        configs,
-        batch_size=args.batch,
-        device=torch.device(args.device),
-        modes=MODES if args.mode == "both" else (args.mode,),
-        repeats=args.repeats,
-        warmup=args.warmup,
-        amp=args.amp,
-        seed=args.seed,
-        log=print,
-    )
-    print(format_report(result))
-    if args.json:
-        from spotocc.engine.atomic import write_text_atomic
-
-        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,7 +202,7 @@ def benchmark(
     configs, ``"ratios"``: per mode and stage, the second model's median time and peak memory over
     the first's.
     """
-    from spotocc.engine.benchmark_inputs import benchmark_batch
+    from spotocc.benchmarking.inputs import benchmark_batch
     from spotocc.engine.evaluator import autocast_context, move_to_device
     from spotocc.engine.optim import build_optimizer
     from spotocc.models import build_model

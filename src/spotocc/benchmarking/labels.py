@@ -350,10 +350,10 @@ def _peak_memory_mib(class_probs, mask_logits, out_size, method: str, options: d
             path,
         )
         env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[3])  # the directory holding `spotocc`
+        package_root = str(Path(__file__).resolve().parents[2])  # the directory holding `spotocc`
         env["PYTHONPATH"] = os.pathsep.join([package_root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         done = subprocess.run(
-            [sys.executable, "-m", "spotocc.models.heads.labels_benchmark", "--memory-probe", str(path)],
+            [sys.executable, "-m", "spotocc.benchmarking.labels", "--memory-probe", str(path)],
             capture_output=True,
             text=True,
             env=env,
@@ -389,4 +389,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--memory-probe":
         _memory_probe(sys.argv[2])
     else:
-        sys.exit("usage: python -m spotocc.models.heads.labels_benchmark --memory-probe INPUTS.pt")
+        sys.exit("usage: python -m spotocc.benchmarking.labels --memory-probe INPUTS.pt")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from spotocc.models.heads.labels_benchmark import (
+from spotocc.benchmarking.labels import (
     benchmark_labels,
     load_head_outputs,
     save_head_outputs,
