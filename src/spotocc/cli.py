@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-data": ("spotocc.tools.check_data", "report missing, truncated or unreadable dataset files"),
     "visualize": ("spotocc.tools.visualize", "render predictions / ground truth / cameras to PNG or GIF"),
     "convert-checkpoint": ("spotocc.tools.convert_checkpoint", "convert a released .pth to safetensors"),
+    "doctor": ("spotocc.commands.doctor", "versions, known-bad combinations and self-checks of this install"),
     "diagnose": (
         "spotocc.tools.diagnose",
         "lift coverage, oracle memorisation ablations, per-class depth accuracy",
