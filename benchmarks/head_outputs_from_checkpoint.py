@@ -17,10 +17,10 @@ import sys
 
 import torch
 
+from spotocc.benchmarking.labels import save_head_outputs
 from spotocc.config import apply_overrides
 from spotocc.data.batch import collate
 from spotocc.engine.evaluator import default_dataset_factory, load_model_from_checkpoint, move_to_device
-from spotocc.benchmarking.labels import save_head_outputs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,9 @@
 """How many output voxels spconv's CPU build gets wrong with 2 torch threads, with and without the guard.
 
-"raw" calls spconv directly (no thread guard); "spotocc" goes through the spconv backend of
-``spotocc.models.sparse.conv``, which runs spconv's forward and backward on one torch thread. Both
-are compared with the reference backend (float32, an output voxel is wrong if any channel is off by
-more than 1e-3); forward outputs and the gradient w.r.t. the input features are checked.
+"raw" calls spconv directly (no thread guard); "spotocc" goes through
+``spotocc.models.sparse.spconv_backend``, which runs spconv's forward and backward on one torch
+thread. Both are compared with the reference backend (float32, an output voxel is wrong if any
+channel is off by more than 1e-3); forward outputs and the gradient w.r.t. the input features are checked.
 
     python benchmarks/spconv_threads.py
 """
@@ -17,9 +17,9 @@ from spotocc.models.sparse.conv import (
     SparseConvTranspose3d,
     SparseTensor,
     SubMConv3d,
-    load_spconv,
     set_sparse_backend,
 )
+from spotocc.models.sparse.spconv_backend import load_spconv
 
 CASES = {
     "subm 3x3x3": SubMConv3d(32, 32, 3, padding=1, bias=False),

@@ -23,9 +23,10 @@ from spotocc.models.released import (
     released_key_to_spotocc,
     spotocc_geometry,
 )
-from spotocc.models.sparse.conv import SparseTensor, load_spconv
+from spotocc.models.sparse.conv import SparseTensor
 from spotocc.models.sparse.encoder import SparseLatentDiffuser
 from spotocc.models.sparse.pyramid import SparseFeaturePyramid
+from spotocc.models.sparse.spconv_backend import load_spconv
 from spotocc.models.view_transform import ViewTransformer
 
 

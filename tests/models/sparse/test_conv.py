@@ -10,16 +10,18 @@ import torch
 import torch.nn.functional as F
 
 from spotocc.models.sparse import conv as sparse_conv
+from spotocc.models.sparse import reference as sparse_reference
+from spotocc.models.sparse import spconv_backend
 from spotocc.models.sparse.conv import (
     SparseConv3d,
     SparseConvTranspose3d,
     SparseSequential,
     SparseTensor,
     SubMConv3d,
-    load_spconv,
     resolve_backend,
     set_sparse_backend,
 )
+from spotocc.models.sparse.spconv_backend import load_spconv
 
 BACKENDS = ["reference-gather", "reference-scatter", "spconv"]
 
@@ -55,7 +57,8 @@ def use_backend(conv: torch.nn.Module, backend: str, monkeypatch: pytest.MonkeyP
         set_sparse_backend(conv, "spconv")
     else:
         set_sparse_backend(conv, "reference")
-        monkeypatch.setattr(sparse_conv, "_MIN_GATHER_FILL", 0.0 if backend == "reference-gather" else 2.0)
+        fill = 0.0 if backend == "reference-gather" else 2.0
+        monkeypatch.setattr(sparse_reference, "_MIN_GATHER_FILL", fill)
     return torch.float64
 
 
@@ -315,8 +318,8 @@ def test_sparse_sequential_applies_plain_modules_to_features_and_nests():
 
 def test_submanifold_convs_on_one_index_set_share_one_rulebook(monkeypatch):
     calls = []
-    build = sparse_conv._build_rulebook
-    monkeypatch.setattr(sparse_conv, "_build_rulebook", lambda *a: calls.append(a[1:]) or build(*a))
+    build = sparse_reference._build_rulebook
+    monkeypatch.setattr(sparse_reference, "_build_rulebook", lambda *a: calls.append(a[1:]) or build(*a))
     seq = SparseSequential(
         SubMConv3d(3, 3, 3, bias=False, backend="reference"),
         torch.nn.ReLU(),
@@ -336,7 +339,7 @@ def test_backend_selection(monkeypatch):
     assert load_spconv() is not None  # the dev extra installs spconv's CPU wheel
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_backend("auto", cpu) == "reference"  # spconv's CPU build is no faster and races
-    monkeypatch.setitem(sparse_conv._SPCONV_STATE, "cpu_only", False)  # as if a spconv-cuXXX wheel
+    monkeypatch.setitem(spconv_backend._SPCONV_STATE, "cpu_only", False)  # as if a spconv-cuXXX wheel
     assert resolve_backend("auto", cuda) == "spconv"
     assert resolve_backend("reference", cuda) == "reference"
     assert resolve_backend("spconv", cpu) == "spconv"
@@ -354,7 +357,7 @@ def test_backend_selection(monkeypatch):
         assert resolve_backend("auto", cpu) == "reference"  # nothing to warn about on CPU
 
     monkeypatch.delenv(sparse_conv.DISABLE_SPCONV_ENV)
-    monkeypatch.setitem(sparse_conv._SPCONV_STATE, "cpu_only", True)  # the CPU wheel on a GPU machine
+    monkeypatch.setitem(spconv_backend._SPCONV_STATE, "cpu_only", True)  # the CPU wheel on a GPU machine
     monkeypatch.setattr(sparse_conv, "_WARNED", set())
     with pytest.warns(RuntimeWarning, match="CPU-only build"):
         assert resolve_backend("auto", cuda) == "reference"
@@ -362,7 +365,7 @@ def test_backend_selection(monkeypatch):
         resolve_backend("spconv", cuda)
     assert resolve_backend("spconv", cpu) == "spconv"
 
-    monkeypatch.setattr(sparse_conv, "_SPCONV_STATE", {"module": None, "error": "ImportError: no spconv"})
+    monkeypatch.setattr(spconv_backend, "_SPCONV_STATE", {"module": None, "error": "ImportError: no spconv"})
     monkeypatch.setattr(sparse_conv, "_WARNED", set())
     with pytest.warns(RuntimeWarning, match="fall back to the pure-PyTorch reference"):
         assert resolve_backend("auto", cuda) == "reference"
