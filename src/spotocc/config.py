@@ -257,6 +257,9 @@ class TrainConfig:
 class EvalConfig:
     class0_quirk: bool = False  # released: ignored voxels counted as class-0 true positives
     batch_size: int = 1  # samples per process during evaluation / prediction (released: 1)
+    # score only labelled voxels inside some camera's field of view (not an occlusion test); off in
+    # every preset, since the papers score every labelled voxel. See spotocc.evaluation.field_of_view
+    camera_view_only: bool = False
 
 
 @dataclass

@@ -30,14 +30,12 @@ import torch
 from spotocc.config import Config, GridConfig
 from spotocc.data.batch import collate
 from spotocc.data.classes import IGNORE_INDEX, class_set
+from spotocc.evaluation.field_of_view import points_in_view, project_points, voxel_centres
 from spotocc.models.occupancy import CAMERA_KEYS
 from spotocc.models.sparse.encoder import SparseLatentDiffuser
 from spotocc.models.view_transform import ViewTransformer, voxel_indices
 
 __all__ = ["CoverageCounts", "CoverageProbe", "format_coverage", "measure_coverage", "project_points"]
-
-_CHUNK = 1 << 20  # GT voxels projected at a time (bounds the memory of nuScenes-size grids)
-
 
 @dataclass
 class CoverageCounts:
@@ -120,34 +118,6 @@ def _pct(part: int, whole: int) -> float:
     return 100.0 * part / whole if whole else 0.0
 
 
-def project_points(
-    points: torch.Tensor,
-    rots: torch.Tensor,
-    trans: torch.Tensor,
-    intrins: torch.Tensor,
-    post_rots: torch.Tensor,
-    post_trans: torch.Tensor,
-    bda: torch.Tensor,
-) -> torch.Tensor:
-    """Grid-frame points [P, 3] -> network-image (u', v', d') [N, P, 3] in each of a sample's N cameras.
-
-    The inverse of :func:`spotocc.models.view_transform.frustum_to_grid`: undo ``bda`` [4, 4], LiDAR ->
-    camera (R^-1 (p - t)), (u d, v d, d) = K c + the projection's 4th column, then the image
-    augmentation (post_rots [N, 3, 3], post_trans [N, 3]). Points with d <= 0 get d' <= 0 and finite u', v'.
-    """
-    f64 = torch.float64
-    rots, trans, intrins, post_rots, post_trans, bda = (
-        t.to(f64) for t in (rots, trans, intrins, post_rots, post_trans, bda)
-    )
-    lidar = torch.linalg.solve(bda[:3, :3], (points.to(f64) - bda[:3, 3]).T)  # [3, P]
-    cam = torch.linalg.solve(rots, lidar[None] - trans[..., None])  # [N, 3, P]
-    img = intrins[:, :3, :3] @ cam + intrins[:, :3, 3:4]  # [N, 3, P]: (u d, v d, d)
-    depth = img[:, 2:3]  # [N, 1, P]
-    safe = torch.where(depth > 0, depth, torch.ones_like(depth))
-    uvd = torch.cat([img[:, :2] / safe, depth], dim=1)  # [N, 3, P]
-    return (post_rots @ uvd + post_trans[..., None]).transpose(1, 2)  # [N, P, 3]
-
-
 class CoverageProbe:
     """The model's lift geometry and encoder active-set growth, applied to batches (no weights needed)."""
 
@@ -188,18 +158,9 @@ class CoverageProbe:
 
         ``cams``: the sample's (rots, trans, intrins, post_rots, post_trans, bda), without batch axis.
         """
-        vt, grid = self.view_transformer, self.grid
-        lower = torch.tensor(grid.point_cloud_range[:3], dtype=torch.float64)
-        size = torch.tensor(grid.occ_voxel_size, dtype=torch.float64)
-        (h, w), (dmin, dmax) = vt.input_size, vt.depth_bound[:2]
-        seen = torch.zeros(voxels.shape[0], dtype=torch.bool)
-        for start in range(0, voxels.shape[0], _CHUNK):
-            centres = lower + (voxels[start : start + _CHUNK].to(torch.float64) + 0.5) * size  # [p, 3]
-            uvd = project_points(centres, *cams)  # [N, p, 3]
-            u, v, d = uvd.unbind(-1)  # [N, p] each
-            ok = (d > 0) & (d >= dmin) & (d < dmax) & (u >= 0) & (u < w) & (v >= 0) & (v < h)
-            seen[start : start + _CHUNK] = ok.any(dim=0)
-        return seen
+        vt = self.view_transformer
+        centres = voxel_centres(voxels, self.grid)  # [P, 3]
+        return points_in_view(centres, cams, vt.input_size, depth_range=tuple(vt.depth_bound[:2]))
 
     def lifted_cells(self, cams: Sequence[torch.Tensor]) -> torch.Tensor:
         """Batched camera tensors -> [B, X, Y, Z] bool: LSS cells that receive a frustum point."""

@@ -26,6 +26,8 @@ from spotocc.engine import distributed as dist_utils
 from spotocc.engine.atomic import atomic_output
 from spotocc.engine.sampling import ContiguousShards
 from spotocc.evaluation import SSCMetrics
+from spotocc.evaluation.field_of_view import ignore_outside_camera_view
+from spotocc.models.occupancy import CAMERA_KEYS
 
 __all__ = [
     "EvalResult",
@@ -82,6 +84,15 @@ def build_metrics(cfg: Config) -> SSCMetrics:
 
     names, _ = class_set(cfg.data.class_set)
     return SSCMetrics(names, class0_quirk=cfg.eval.class0_quirk)
+
+
+def scored_ground_truth(batch: dict[str, Any], cfg: Config) -> torch.Tensor:
+    """The batch's ``gt_occ`` [B, X, Y, Z] as scored: with ``eval.camera_view_only``, every voxel outside
+    all cameras' views is ignored (255)."""
+    if not cfg.eval.camera_view_only:
+        return batch["gt_occ"]
+    cams = [batch[key] for key in CAMERA_KEYS]
+    return ignore_outside_camera_view(batch["gt_occ"], cams, cfg.grid, tuple(cfg.data.input_size))
 
 
 def autocast_context(device: torch.device, amp: str):
@@ -248,7 +259,7 @@ def evaluate(
                 for sample_id, sample_labels in zip(ids, labels.cpu()):
                     write_prediction(predictions_dir, sample_id, sample_labels)
             if "gt_occ" in batch:
-                metrics.update(labels, batch["gt_occ"])
+                metrics.update(labels, scored_ground_truth(batch, cfg))
                 scored.extend(ids)
             bar.update(1)
     return _gather(metrics, scored, num_predicted)
@@ -277,7 +288,7 @@ def evaluate_predictions(
                 sample_id = str(meta["sample_id"])
                 if "gt_occ" not in batch:
                     raise ValueError(f"sample {sample_id!r} has no ground truth (gt_occ): nothing to score")
-                gt = batch["gt_occ"][i]
+                gt = scored_ground_truth(batch, cfg)[i]
                 pred = read_prediction(predictions_dir, sample_id)
                 if tuple(pred.shape) != tuple(gt.shape):
                     raise ValueError(
