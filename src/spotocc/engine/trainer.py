@@ -1,4 +1,4 @@
-"""The training loop: one readable function, the same code on CPU, one GPU, and many under torchrun.
+"""The training loop, the same code on CPU, one GPU, and many under torchrun; ``_run`` reads top to bottom.
 
 Single process (CPU, or the first GPU)::
 
@@ -37,7 +37,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,59 @@ def _run(
     show_progress: bool | None,
     on_step_end: Callable[[int], None] | None,
 ) -> TrainResult:
+    run = _set_up(cfg, info, work_dir, resume, model_factory, dataset_factory, collate_fn, show_progress)
+    progress = run.progress
+    stop = run.reached_max_iters()
+    try:
+        while progress.epoch < cfg.train.epochs and not stop:
+            stop = _train_epoch(run, on_step_end)
+            if not stop:
+                _end_of_epoch(run)
+    finally:
+        run.metrics_log.close()
+    return TrainResult(progress.global_step, progress.epoch, progress.best_miou, run.last_path)
+
+
+@dataclass
+class _Run:
+    """What one training run holds: made by :func:`_set_up`, advanced by the loop of :func:`_run`."""
+
+    cfg: Config
+    info: dist_utils.DistInfo
+    ckpt_dir: Path
+    model: nn.Module
+    step_module: nn.Module  # the model's training forward; DDP-wrapped with more than one process
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    progress: _Progress
+    sampler: ResumableDistributedSampler
+    loader: DataLoader
+    iters_per_epoch: int
+    metrics_log: MetricsLog
+    dataset_factory: DatasetFactory
+    collate_fn: Callable
+    show_progress: bool | None
+    window: _LogWindow = field(default_factory=lambda: _LogWindow())
+    val_set: Any = None  # built at the first evaluation
+    last_path: Path | None = None
+
+    def reached_max_iters(self) -> bool:
+        max_iters = self.cfg.train.max_iters
+        return max_iters is not None and self.progress.global_step >= max_iters
+
+
+def _set_up(
+    cfg: Config,
+    info: dist_utils.DistInfo,
+    work_dir: Path,
+    resume: bool | str | Path | None,
+    model_factory: ModelFactory,
+    dataset_factory: DatasetFactory,
+    collate_fn: Callable | None,
+    show_progress: bool | None,
+) -> _Run:
+    """The work directory, model, optimiser and schedule, the resumed state, the data and the logs."""
     tc = cfg.train
     device = info.device
     if collate_fn is None:
@@ -182,7 +235,7 @@ def _run(
         work_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(work_dir / "config.json", cfg.to_json())
 
-    # ---- model, optimiser, schedule (identical initial weights on every rank: same seed) --------
+    # model, optimiser, schedule (identical initial weights on every rank: same seed)
     _seed_all(tc.seed)
     model = model_factory(cfg).to(device)
     if info.world_size > 1 and tc.sync_bn:
@@ -190,19 +243,7 @@ def _run(
     optimizer = build_optimizer(model, tc)
     scheduler = build_lr_scheduler(optimizer, tc)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")
-    progress = _Progress()
-
-    resume_from = _resume_target(resume, ckpt_dir)
-    if resume_from is not None:
-        _restore(resume_from, cfg, info, model, optimizer, scheduler, scaler, progress)
-    else:
-        if info.is_main and (ckpt_dir / "last").exists():
-            log.warning(
-                "%s holds checkpoints of an earlier run; starting from scratch (older generations will be "
-                "removed as new ones are saved). Pass --resume to continue that run instead.",
-                ckpt_dir,
-            )
-        _seed_all(tc.seed + info.rank)  # runtime randomness (dropout, noise) differs between ranks
+    progress, resumed = _resume(resume, ckpt_dir, cfg, info, model, optimizer, scheduler, scaler)
 
     step_module: nn.Module = _TrainStep(model)
     if info.world_size > 1:
@@ -212,7 +253,7 @@ def _run(
             find_unused_parameters=tc.find_unused_parameters,
         )
 
-    # ---- data ---------------------------------------------------------------------------------------
+    # data
     train_set = dataset_factory(cfg, cfg.data.train_split, train=True)
     if len(train_set) == 0:
         raise ValueError(f"training split {cfg.data.train_split!r} of {cfg.data.root} has no samples")
@@ -231,11 +272,10 @@ def _run(
         generator=torch.Generator().manual_seed(tc.seed),  # the loader never draws from the global RNG
     )
     iters_per_epoch = math.ceil(sampler.num_samples / batch_size)
-    val_set = None
 
     metrics_log = MetricsLog(
         work_dir,
-        resume_step=progress.global_step if resume_from is not None else None,
+        resume_step=progress.global_step if resumed else None,
         tensorboard=tc.tensorboard,
         enabled=info.is_main,
     )
@@ -254,153 +294,216 @@ def _run(
         tc.sync_bn and info.world_size > 1,
         sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
     )
+    return _Run(
+        cfg=cfg,
+        info=info,
+        ckpt_dir=ckpt_dir,
+        model=model,
+        step_module=step_module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        progress=progress,
+        sampler=sampler,
+        loader=loader,
+        iters_per_epoch=iters_per_epoch,
+        metrics_log=metrics_log,
+        dataset_factory=dataset_factory,
+        collate_fn=collate_fn,
+        show_progress=show_progress,
+    )
 
-    def save(is_best: bool) -> Path | None:
-        rng_states = dist_utils.all_gather_objects(_capture_rng())
-        path = None
-        if info.is_main:
-            state = {
-                "version": STATE_VERSION,
+
+def _resume(
+    resume: bool | str | Path | None,
+    ckpt_dir: Path,
+    cfg: Config,
+    info: dist_utils.DistInfo,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+) -> tuple[_Progress, bool]:
+    """Restore a checkpoint's full state if ``resume`` finds one, else start fresh; (progress, resumed)."""
+    progress = _Progress()
+    resume_from = _resume_target(resume, ckpt_dir)
+    if resume_from is not None:
+        _restore(resume_from, cfg, info, model, optimizer, scheduler, scaler, progress)
+        return progress, True
+    if info.is_main and (ckpt_dir / "last").exists():
+        log.warning(
+            "%s holds checkpoints of an earlier run; starting from scratch (older generations will be "
+            "removed as new ones are saved). Pass --resume to continue that run instead.",
+            ckpt_dir,
+        )
+    _seed_all(cfg.train.seed + info.rank)  # runtime randomness (dropout, noise) differs between ranks
+    return progress, False
+
+
+def _train_epoch(run: _Run, on_step_end: Callable[[int], None] | None) -> bool:
+    """The rest of the current epoch, step by step; True when ``train.max_iters`` stopped it."""
+    tc, progress = run.cfg.train, run.progress
+    epoch = progress.epoch
+    run.sampler.set_epoch(epoch)
+    run.sampler.set_start(min(progress.iter_in_epoch * run.cfg.data.batch_size, run.sampler.num_samples))
+    run.model.train()
+    bar = _progress_bar(
+        run.iters_per_epoch, progress.iter_in_epoch, f"epoch {epoch + 1}", run.show_progress, run.info
+    )
+    stop = False
+    tic = time.perf_counter()
+    for batch in run.loader:
+        data_time = time.perf_counter() - tic
+        losses, loss, grad_norm = _train_step(run, batch)
+        progress.global_step += 1
+        progress.iter_in_epoch += 1
+        bar.update(1)
+        run.window.add(losses, loss, grad_norm, time.perf_counter() - tic, data_time)
+
+        end_of_epoch = progress.iter_in_epoch == run.iters_per_epoch
+        if progress.global_step % max(tc.log_interval, 1) == 0 or end_of_epoch:
+            _log_train(run, bar, epoch)
+        stop = run.reached_max_iters()
+        interval = tc.checkpoint_iter_interval
+        iter_save_due = interval > 0 and progress.global_step % interval == 0
+        if stop or (iter_save_due and not end_of_epoch):  # at an epoch end the save comes after evaluation
+            _save(run, is_best=False)
+        if on_step_end is not None:
+            on_step_end(progress.global_step)
+        if stop:
+            break
+        tic = time.perf_counter()
+    bar.close()
+    return stop
+
+
+def _train_step(
+    run: _Run, batch: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """Forward, backward, clip and optimiser step on one batch: (named losses, their sum, grad norm)."""
+    tc, device, scaler, optimizer = run.cfg.train, run.info.device, run.scaler, run.optimizer
+    batch = move_to_device(batch, device)
+    with autocast_context(device, tc.amp):
+        losses = run.step_module(batch)
+    loss = total_loss(losses)
+    _check_finite(loss, run.progress.global_step + 1, scaler.is_enabled())
+    scaler.scale(loss).backward()
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+    grad_norm = clip_gradients(run.model.parameters(), tc.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return losses, loss, grad_norm
+
+
+def _log_train(run: _Run, bar: Any, epoch: int) -> None:
+    """Log the averages since the last log line (a collective: every rank calls it at the same steps)."""
+    progress = run.progress
+    record = run.window.record(run.optimizer, progress, run.info.device)
+    run.metrics_log.log(record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}")
+    if bar.disable:  # no progress bar (not a terminal, or not rank 0): a log line instead
+        log.info(
+            "epoch %d [%d/%d] step %d lr %.3g loss %.4f",
+            epoch + 1,
+            progress.iter_in_epoch,
+            run.iters_per_epoch,
+            progress.global_step,
+            record["lr"],
+            record["loss"],
+        )
+
+
+def _end_of_epoch(run: _Run) -> None:
+    """Step the schedule, evaluate when due (the best SSC mIoU is kept), save a checkpoint when due."""
+    tc, progress = run.cfg.train, run.progress
+    run.scheduler.step()
+    progress.epoch += 1
+    progress.iter_in_epoch = 0
+    improved = False
+    final = progress.epoch == tc.epochs
+    if tc.eval_interval > 0 and (progress.epoch % tc.eval_interval == 0 or final):
+        improved = _validate(run)
+    epoch_save_due = progress.epoch % max(tc.checkpoint_interval, 1) == 0
+    iter_save_due = (
+        tc.checkpoint_iter_interval > 0 and progress.global_step % tc.checkpoint_iter_interval == 0
+    )
+    if improved or final or epoch_save_due or iter_save_due:
+        _save(run, is_best=improved)
+
+
+def _validate(run: _Run) -> bool:
+    """Evaluate on the validation split, log the metrics; True when the SSC mIoU is a new best."""
+    cfg, progress = run.cfg, run.progress
+    if run.val_set is None:
+        run.val_set = run.dataset_factory(cfg, cfg.data.val_split, train=False)
+    result = evaluate(
+        run.model,
+        run.val_set,
+        cfg,
+        device=run.info.device,
+        amp=cfg.train.amp,
+        collate_fn=run.collate_fn,
+        show_progress=run.show_progress,
+    )
+    run.model.train()
+    miou = result.metrics["SSC_mIoU"]
+    improved = progress.best_miou is None or miou > progress.best_miou
+    if improved:
+        progress.best_miou, progress.best_step = miou, progress.global_step
+    prefixed = with_prefix(result.metrics, metric_prefix(cfg.data.class_set))
+    run.metrics_log.log({"type": "val", "step": progress.global_step, "epoch": progress.epoch, **prefixed})
+    from spotocc.data.classes import class_set
+
+    log.info(
+        "epoch %d validation on %d samples (best SSC mIoU %.2f):\n%s",
+        progress.epoch,
+        result.num_samples,
+        progress.best_miou,
+        format_ssc_table({f"epoch {progress.epoch}": result.metrics}, class_set(cfg.data.class_set)[0]),
+    )
+    return improved
+
+
+def _save(run: _Run, is_best: bool) -> None:
+    """Save the full training state (rank 0 writes; every rank's RNG state goes in); all ranks wait."""
+    cfg, info, progress = run.cfg, run.info, run.progress
+    rng_states = dist_utils.all_gather_objects(_capture_rng())
+    if info.is_main:
+        state = {
+            "version": STATE_VERSION,
+            "epoch": progress.epoch,
+            "iter_in_epoch": progress.iter_in_epoch,
+            "global_step": progress.global_step,
+            "best_miou": progress.best_miou,
+            "best_step": progress.best_step,
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "rng": rng_states,
+            "sampler": {
+                "seed": cfg.train.seed,
+                "world_size": info.world_size,
+                "batch_size": cfg.data.batch_size,
+            },
+        }
+        run.last_path = save_checkpoint(
+            run.ckpt_dir,
+            model_state=run.model.state_dict(),
+            config=cfg.to_dict(),
+            training_state=state,
+            global_step=progress.global_step,
+            info={
                 "epoch": progress.epoch,
                 "iter_in_epoch": progress.iter_in_epoch,
-                "global_step": progress.global_step,
                 "best_miou": progress.best_miou,
-                "best_step": progress.best_step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": rng_states,
-                "sampler": {"seed": tc.seed, "world_size": info.world_size, "batch_size": batch_size},
-            }
-            path = save_checkpoint(
-                ckpt_dir,
-                model_state=model.state_dict(),
-                config=cfg.to_dict(),
-                training_state=state,
-                global_step=progress.global_step,
-                info={
-                    "epoch": progress.epoch,
-                    "iter_in_epoch": progress.iter_in_epoch,
-                    "best_miou": progress.best_miou,
-                },
-                is_best=is_best,
-                keep_last=tc.keep_last,
-            )
-            log.info("saved checkpoint %s%s", path, " (best)" if is_best else "")
-        dist_utils.barrier()
-        return path
-
-    last_path: Path | None = None
-    window = _LogWindow()
-    stop = tc.max_iters is not None and progress.global_step >= tc.max_iters
-    try:
-        while progress.epoch < tc.epochs and not stop:
-            epoch = progress.epoch
-            sampler.set_epoch(epoch)
-            sampler.set_start(min(progress.iter_in_epoch * batch_size, sampler.num_samples))
-            model.train()
-            bar = _progress_bar(
-                iters_per_epoch, progress.iter_in_epoch, f"epoch {epoch + 1}", show_progress, info
-            )
-            tic = time.perf_counter()
-            for batch in loader:
-                data_time = time.perf_counter() - tic
-                batch = move_to_device(batch, device)
-                with autocast_context(device, tc.amp):
-                    losses = step_module(batch)
-                loss = total_loss(losses)
-                _check_finite(loss, progress.global_step + 1, scaler.is_enabled())
-                scaler.scale(loss).backward()
-                if scaler.is_enabled():
-                    scaler.unscale_(optimizer)
-                grad_norm = clip_gradients(model.parameters(), tc.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                progress.global_step += 1
-                progress.iter_in_epoch += 1
-                bar.update(1)
-                window.add(losses, loss, grad_norm, time.perf_counter() - tic, data_time)
-
-                if (
-                    progress.global_step % max(tc.log_interval, 1) == 0
-                    or progress.iter_in_epoch == iters_per_epoch
-                ):
-                    record = window.record(optimizer, progress, device)
-                    metrics_log.log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}")
-                    if bar.disable:  # no progress bar (not a terminal, or not rank 0): a log line instead
-                        log.info(
-                            "epoch %d [%d/%d] step %d lr %.3g loss %.4f",
-                            epoch + 1,
-                            progress.iter_in_epoch,
-                            iters_per_epoch,
-                            progress.global_step,
-                            record["lr"],
-                            record["loss"],
-                        )
-                stop = tc.max_iters is not None and progress.global_step >= tc.max_iters
-                interval = tc.checkpoint_iter_interval
-                iter_save_due = interval > 0 and progress.global_step % interval == 0
-                end_of_epoch = progress.iter_in_epoch == iters_per_epoch
-                if stop or (iter_save_due and not end_of_epoch):  # at an epoch end the save comes below
-                    last_path = save(is_best=False) or last_path
-                if on_step_end is not None:
-                    on_step_end(progress.global_step)
-                if stop:
-                    break
-                tic = time.perf_counter()
-            bar.close()
-            if stop:
-                break
-
-            # ---- end of epoch: schedule, evaluation, checkpoint -----------------------------------
-            scheduler.step()
-            progress.epoch = epoch + 1
-            progress.iter_in_epoch = 0
-            improved = False
-            final = progress.epoch == tc.epochs
-            if tc.eval_interval > 0 and (progress.epoch % tc.eval_interval == 0 or final):
-                if val_set is None:
-                    val_set = dataset_factory(cfg, cfg.data.val_split, train=False)
-                result = evaluate(
-                    model,
-                    val_set,
-                    cfg,
-                    device=device,
-                    amp=tc.amp,
-                    collate_fn=collate_fn,
-                    show_progress=show_progress,
-                )
-                model.train()
-                miou = result.metrics["SSC_mIoU"]
-                improved = progress.best_miou is None or miou > progress.best_miou
-                if improved:
-                    progress.best_miou, progress.best_step = miou, progress.global_step
-                prefixed = with_prefix(result.metrics, metric_prefix(cfg.data.class_set))
-                metrics_log.log(
-                    {"type": "val", "step": progress.global_step, "epoch": progress.epoch, **prefixed}
-                )
-                from spotocc.data.classes import class_set
-
-                log.info(
-                    "epoch %d validation on %d samples (best SSC mIoU %.2f):\n%s",
-                    progress.epoch,
-                    result.num_samples,
-                    progress.best_miou,
-                    format_ssc_table(
-                        {f"epoch {progress.epoch}": result.metrics}, class_set(cfg.data.class_set)[0]
-                    ),
-                )
-            epoch_save_due = progress.epoch % max(tc.checkpoint_interval, 1) == 0
-            iter_save_due = (
-                tc.checkpoint_iter_interval > 0 and progress.global_step % tc.checkpoint_iter_interval == 0
-            )
-            if improved or final or epoch_save_due or iter_save_due:
-                last_path = save(is_best=improved) or last_path
-    finally:
-        metrics_log.close()
-    return TrainResult(progress.global_step, progress.epoch, progress.best_miou, last_path)
+            },
+            is_best=is_best,
+            keep_last=cfg.train.keep_last,
+        )
+        log.info("saved checkpoint %s%s", run.last_path, " (best)" if is_best else "")
+    dist_utils.barrier()
 
 
 # --------------------------------------------------------------------------------------------------
