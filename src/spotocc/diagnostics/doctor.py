@@ -22,15 +22,8 @@ from typing import Any
 
 import torch
 
-from spotocc.diagnostics.environment import (
-    FAIL,
-    Flag,
-    collect_versions,
-    environment_flags,
-    paired_torchvision,
-    recommended_spconv_wheel,
-    torch_cuda_version,
-)
+from spotocc.diagnostics import environment
+from spotocc.diagnostics.environment import FAIL, Flag, paired_torchvision
 from spotocc.diagnostics.model_check import TinyModelCheck, amp_for_device
 from spotocc.diagnostics.selfcheck import (
     Check,
@@ -52,6 +45,7 @@ class DoctorReport:
     device: str
     versions: dict[str, str]
     flags: list[Flag]
+    recommended_spconv: str | None = None  # the spconv distribution for this torch
     checks: list[CheckResult] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -73,7 +67,7 @@ class DoctorReport:
             "device": self.device,
             "seconds": round(self.seconds, 3),
             "versions": self.versions,
-            "recommended_spconv": recommended_spconv_wheel(torch_cuda_version()),
+            "recommended_spconv": self.recommended_spconv,
             "flags": [f.to_dict() for f in self.flags],
             "checks": [c.to_dict() for c in self.checks],
         }
@@ -122,7 +116,12 @@ def run_doctor(
     """Versions, known-bad combinations and the self-checks on ``device``; each part is logged as it ends."""
     log = log or (lambda line: None)
     start = time.perf_counter()
-    report = DoctorReport(str(device), collect_versions(device), environment_flags(device))
+    report = DoctorReport(
+        str(device),
+        environment.collect_versions(device),
+        environment.environment_flags(device),
+        environment.recommended_spconv_wheel(environment.torch_cuda_version()),
+    )
     log(f"spotocc doctor on {device}")
     log(format_versions(report.versions))
     log(format_flags(report.flags))
