@@ -71,8 +71,8 @@ def _layout():
 def run_stage(stage: str, preset: str, pth: Path, out: Path) -> dict:
     from spotocc.config import get_config
     from spotocc.engine.evaluator import load_model_from_checkpoint
+    from spotocc.engine.released_checkpoint import build_model_from_released, convert_released_checkpoint
     from spotocc.models import build_model
-    from spotocc.tools.released_checkpoint import build_model_from_released, convert_released_checkpoint
 
     cfg = get_config(preset)
     start_rss = _rss_mib()

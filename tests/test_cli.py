@@ -131,7 +131,7 @@ def test_debug_shows_a_workers_traceback(monkeypatch, capsys):
     def main(args):
         wrapped.reraise()  # what the DataLoader does in the main process
 
-    monkeypatch.setattr("spotocc.tools.info.main", main)
+    monkeypatch.setattr("spotocc.commands.info.main", main)
     code, err = run(["info", "synthetic_tiny"], capsys)
     assert code == 2 and err == "spotocc info: error: /data/x.bin: file is missing\n"
     code, err = run(["info", "synthetic_tiny", "--debug"], capsys)
@@ -144,10 +144,10 @@ def test_bugs_keep_their_traceback_whatever_the_message(monkeypatch, capsys):
     def buggy(args):
         raise ValueError("unknown preset 'x'")
 
-    monkeypatch.setattr("spotocc.tools.info.main", buggy)
+    monkeypatch.setattr("spotocc.commands.info.main", buggy)
     with pytest.raises(ValueError, match="unknown preset"):
         cli.main(["info", "synthetic_tiny"])
-    monkeypatch.setattr("spotocc.tools.info.main", lambda args: np.zeros(2)[5])
+    monkeypatch.setattr("spotocc.commands.info.main", lambda args: np.zeros(2)[5])
     with pytest.raises(IndexError):
         cli.main(["info", "synthetic_tiny"])
     assert capsys.readouterr().err == ""

@@ -22,20 +22,20 @@ from spotocc.errors import SpotoccError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("spotocc.engine.quickstart", "synthesise scenes, train synthetic_tiny, evaluate, draw"),
-    "train": ("spotocc.engine.train_cli", "train a preset or config (single process or torchrun)"),
-    "eval": ("spotocc.engine.eval_cli", "SSC metrics of a checkpoint or of saved predictions"),
-    "predict": ("spotocc.engine.predict_cli", "write one .npz of labels per sample"),
+    "quickstart": ("spotocc.commands.quickstart", "synthesise scenes, train synthetic_tiny, evaluate, draw"),
+    "train": ("spotocc.commands.train", "train a preset or config (single process or torchrun)"),
+    "eval": ("spotocc.commands.eval", "SSC metrics of a checkpoint or of saved predictions"),
+    "predict": ("spotocc.commands.predict", "write one .npz of labels per sample"),
     "benchmark": ("spotocc.commands.benchmark", "time and memory per stage, or compare two presets"),
-    "info": ("spotocc.tools.info", "a preset's resolved config and parameter counts per module"),
-    "synth": ("spotocc.tools.synth", "generate synthetic scenes in a real dataset layout"),
-    "prepare": ("spotocc.tools.prepare", "write dataset info files (nuScenes-Occupancy)"),
-    "check-data": ("spotocc.tools.check_data", "report missing, truncated or unreadable dataset files"),
-    "visualize": ("spotocc.tools.visualize", "render predictions / ground truth / cameras to PNG or GIF"),
-    "convert-checkpoint": ("spotocc.tools.convert_checkpoint", "convert a released .pth to safetensors"),
+    "info": ("spotocc.commands.info", "a preset's resolved config and parameter counts per module"),
+    "synth": ("spotocc.commands.synth", "generate synthetic scenes in a real dataset layout"),
+    "prepare": ("spotocc.commands.prepare", "write dataset info files (nuScenes-Occupancy)"),
+    "check-data": ("spotocc.commands.check_data", "report missing, truncated or unreadable dataset files"),
+    "visualize": ("spotocc.commands.visualize", "render predictions / ground truth / cameras to PNG or GIF"),
+    "convert-checkpoint": ("spotocc.commands.convert_checkpoint", "convert a released .pth to safetensors"),
     "doctor": ("spotocc.commands.doctor", "versions, known-bad combinations and self-checks of this install"),
     "diagnose": (
-        "spotocc.tools.diagnose",
+        "spotocc.commands.diagnose",
         "lift coverage, oracle memorisation ablations, per-class depth accuracy",
     ),
 }

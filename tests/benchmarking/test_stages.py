@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from spotocc import cli
+from spotocc.benchmarking.inputs import benchmark_batch
+from spotocc.benchmarking.memory import MemoryPeak, measure_peak
+from spotocc.benchmarking.stages import INFER_STAGES, TRAIN_STAGES, _StageLog, benchmark, infer_stages
 from spotocc.config import apply_overrides, get_config
 from spotocc.data import build_dataset
 from spotocc.data.synthetic import generate, source_image_size
 from spotocc.data.synthetic.sample import make_sample
-from spotocc.benchmarking.stages import INFER_STAGES, TRAIN_STAGES, _StageLog, benchmark, infer_stages
-from spotocc.benchmarking.inputs import benchmark_batch
-from spotocc.benchmarking.memory import MemoryPeak, measure_peak
 from spotocc.models import build_model
 
 GEOMETRY_KEYS = ("rots", "trans", "intrins", "post_rots", "post_trans", "bda")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from engine_toys import toy_config, toy_dataset_factory, toy_model_factory
 
-from spotocc.engine import eval_cli, predict_cli
+from spotocc.commands import eval as eval_cli
+from spotocc.commands import predict as predict_cli
 from spotocc.engine.checkpoint import CheckpointError, save_weights_file
 from spotocc.engine.evaluator import (
     evaluate,

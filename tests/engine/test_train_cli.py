@@ -5,7 +5,7 @@ import pytest
 from engine_toys import TOY_OVERRIDES, toy_dataset_factory, toy_model_factory
 
 from spotocc.cli import main as cli_main
-from spotocc.engine import train_cli
+from spotocc.commands import train as train_cli
 from spotocc.engine.checkpoint import load_checkpoint
 from spotocc.engine.metrics_log import read_metrics
 

@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from spotocc.config import Config
 from spotocc.benchmarking.memory import MemoryPeak, measure_peak, resident_mib
+from spotocc.config import Config
 
 __all__ = ["INFER_STAGES", "MODES", "TRAIN_STAGES", "benchmark", "format_report"]
 

@@ -1,1 +1,1 @@
-"""Training, evaluation, prediction, checkpoints, distributed helpers and benchmarks."""
+"""Train, evaluate and predict; spotocc's and the released checkpoints; distributed helpers."""

@@ -320,12 +320,12 @@ def load_model_from_checkpoint(
 
     ``config`` (a preset name or a ``.json``) is needed only for weights files without an embedded
     config, e.g. a released ``.pth`` (read safely and mapped strictly by
-    :mod:`spotocc.tools.released_checkpoint`; the two ``allow_*`` flags are its opt-ins). Returns the
+    :mod:`spotocc.engine.released_checkpoint`; the two ``allow_*`` flags are its opt-ins). Returns the
     model in eval mode on ``device`` and the resolved config.
     """
     from spotocc.config import apply_overrides, get_config
     from spotocc.engine.checkpoint import CheckpointError, load_checkpoint
-    from spotocc.tools.released_checkpoint import is_released_checkpoint_path
+    from spotocc.engine.released_checkpoint import is_released_checkpoint_path
 
     if is_released_checkpoint_path(checkpoint):
         return _load_released(
@@ -372,7 +372,7 @@ def _load_released(
     """A released mmcv-era ``.pth`` with ``--config PRESET`` -> model and config."""
     from spotocc.config import get_config
     from spotocc.engine.checkpoint import CheckpointError
-    from spotocc.tools.released_checkpoint import load_released_checkpoint, preset_hint
+    from spotocc.engine.released_checkpoint import load_released_checkpoint, preset_hint
 
     if config is None:
         guess = preset_hint(

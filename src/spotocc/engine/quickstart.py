@@ -1,4 +1,4 @@
-"""``spotocc quickstart``: synthesise scenes, train ``synthetic_tiny``, evaluate, compare with a baseline.
+"""Synthesise scenes, train ``synthetic_tiny``, evaluate, compare with a baseline (``spotocc quickstart``).
 
 1. ``spotocc.data.synthetic.generate`` writes training and held-out scenes in the SemanticKITTI
    layout under ``<work_dir>/data``.
@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Callable
@@ -23,54 +22,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from spotocc.config import Config, get_config
+from spotocc.config import Config
 from spotocc.engine.atomic import write_text_atomic
 from spotocc.engine.evaluator import DatasetFactory, ModelFactory, default_dataset_factory
 from spotocc.evaluation import SSCMetrics
 
 __all__ = [
-    "add_arguments",
     "draw_first_prediction",
-    "main",
     "most_frequent_label_baseline",
     "run_quickstart",
     "score_fixed_prediction",
 ]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="overrides of the synthetic_tiny preset"
-    )
-    parser.add_argument(
-        "--work-dir", default="work_dirs/quickstart", help="scenes, checkpoints and logs go here"
-    )
-    parser.add_argument("--num-train", type=int, default=64, help="synthetic training scenes")
-    parser.add_argument("--num-val", type=int, default=16, help="synthetic held-out scenes")
-    parser.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bars")
-    parser.add_argument(
-        "--picture", action=argparse.BooleanOptionalAction, default=True, help="write quickstart.png"
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = get_config("synthetic_tiny", args.overrides)
-    if args.epochs is not None:
-        cfg.train.epochs = args.epochs
-    cfg.train.seed = args.seed
-    run_quickstart(
-        cfg,
-        work_dir=Path(args.work_dir),
-        num_train=args.num_train,
-        num_val=args.num_val,
-        device=args.device,
-        show_progress=args.progress,
-        picture=args.picture,
-    )
-    return 0
 
 
 def run_quickstart(

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from spotocc.cli import main as cli_main
-from spotocc.tools.check_data import check_nuscenes_occupancy, check_semantic_kitti
+from spotocc.data.check import check_nuscenes_occupancy, check_semantic_kitti
 
 
 def _kitti_args(root, tiny, *extra):

@@ -6,7 +6,7 @@ import pytest
 
 from spotocc import cli
 from spotocc.config import get_config
-from spotocc.tools.info import build_meta_model, format_count, parameter_counts
+from spotocc.models.summary import build_meta_model, format_count, parameter_counts
 
 # spec/released-parameters README: per released module, and the whole model (geometry included)
 RELEASED_TOTALS = {

@@ -49,7 +49,7 @@ def add_pickle_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from spotocc.tools.released_checkpoint import convert_released_checkpoint
+    from spotocc.engine.released_checkpoint import convert_released_checkpoint
 
     out = Path(args.out)
     if out.suffix != ".safetensors":

@@ -134,11 +134,11 @@ def _error(message: str) -> int:
 
 
 def _coverage(args: argparse.Namespace) -> int:
+    from spotocc.commands.eval import apply_data_arguments
     from spotocc.config import get_config
     from spotocc.data.files import DataFileError
     from spotocc.diagnostics.coverage import format_coverage, measure_coverage
     from spotocc.engine.atomic import write_text_atomic
-    from spotocc.engine.eval_cli import apply_data_arguments
     from spotocc.engine.evaluator import default_dataset_factory
 
     if args.samples < 1:
@@ -193,11 +193,11 @@ def _coverage(args: argparse.Namespace) -> int:
 def _memorise(args: argparse.Namespace) -> int:
     import torch
 
+    from spotocc.commands.eval import apply_data_arguments
     from spotocc.config import get_config
     from spotocc.data.files import DataFileError
     from spotocc.diagnostics.memorise import format_memorise, memorise, without_augmentation
     from spotocc.engine.atomic import write_text_atomic
-    from spotocc.engine.eval_cli import apply_data_arguments
     from spotocc.engine.evaluator import default_dataset_factory
 
     if args.variant not in MEMORISE_VARIANTS:
@@ -266,12 +266,12 @@ def _memorise(args: argparse.Namespace) -> int:
 def _depth(args: argparse.Namespace) -> int:
     import torch
 
+    from spotocc.commands.eval import apply_data_arguments
     from spotocc.data.files import DataFileError
     from spotocc.diagnostics.depth import format_depth_accuracy, measure_depth_accuracy
     from spotocc.diagnostics.memorise import without_augmentation
     from spotocc.engine.atomic import write_text_atomic
     from spotocc.engine.checkpoint import CheckpointError
-    from spotocc.engine.eval_cli import apply_data_arguments
     from spotocc.engine.evaluator import default_dataset_factory, load_model_from_checkpoint
 
     if args.samples < 1:

@@ -17,10 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
+from spotocc.commands.convert_checkpoint import add_pickle_arguments
 from spotocc.config import Config, apply_overrides, get_config
 from spotocc.engine.atomic import write_text_atomic
 from spotocc.engine.evaluator import DatasetFactory, ModelFactory
-from spotocc.tools.convert_checkpoint import add_pickle_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,8 +14,8 @@ from scipy.spatial.transform import Rotation
 
 from spotocc.cli import main as cli_main
 from spotocc.data import NuScenesOccupancy
+from spotocc.data.nuscenes_infos import CAMERAS, quaternion_matrix
 from spotocc.data.nuscenes_occ import load_infos
-from spotocc.tools.prepare import CAMERAS, quaternion_matrix
 
 
 def _quat(rng):

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from spotocc.config import get_config
-from spotocc.models import build_model
-from spotocc.tools.released_checkpoint import (
+from spotocc.engine.released_checkpoint import (
     ReleasedCheckpointError,
     UnsafeCheckpointError,
     load_released_checkpoint,
     read_released_checkpoint,
 )
+from spotocc.models import build_model
 
 # the pickle global numpy scalars reduce to: numpy.core.multiarray.scalar (numpy 1), numpy._core.* (2)
 NUMPY_SCALAR = f"{np.int64(0).__reduce__()[0].__module__}.scalar"

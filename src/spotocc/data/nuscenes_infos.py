@@ -1,11 +1,9 @@
-"""``spotocc prepare nuscenes``: write nuScenes-Occupancy info files with nuscenes-devkit.
+"""nuScenes-Occupancy info files, written with nuscenes-devkit (``spotocc prepare nuscenes``).
 
-    spotocc prepare nuscenes --data-root data/nuscenes --version v1.0-trainval --out-dir data/nuscenes
-
-writes ``<out-dir>/nuscenes_occ_infos_train.pkl`` and ``..._val.pkl`` (``..._test.pkl`` for
-``v1.0-test``): ``{"infos": [...], "metadata": {"version": ...}}`` with, per key frame, the fields
-of OpenOccupancy's released infos that :class:`spotocc.data.NuScenesOccupancy` reads, and the
-poses they come from:
+:func:`create_nuscenes_infos` writes ``<out-dir>/nuscenes_occ_infos_train.pkl`` and
+``..._val.pkl`` (``..._test.pkl`` for ``v1.0-test``): ``{"infos": [...], "metadata": {"version":
+...}}`` with, per key frame, the fields of OpenOccupancy's released infos that
+:class:`spotocc.data.NuScenesOccupancy` reads, and the poses they come from:
 
 * ``token``, ``timestamp``, ``scene_token``, ``scene_name``, ``lidar_token``, ``lidar_path``,
   ``prev``, ``next``, ``frame_idx``, ``lidar2ego_*``, ``ego2global_*`` (quaternions w, x, y, z);
@@ -24,7 +22,6 @@ nuscenes-devkit is an optional dependency: ``pip install 'spotocc[nuscenes]'``.
 
 from __future__ import annotations
 
-import argparse
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -200,24 +197,3 @@ def create_nuscenes_infos(
         written[split] = path
         print(f"{split}: {len(split_infos)} samples -> {path}")
     return written
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="dataset", metavar="DATASET", required=True)
-    nusc = sub.add_parser("nuscenes", help="nuScenes-Occupancy info files (needs nuscenes-devkit)")
-    nusc.add_argument("--data-root", required=True, help="nuScenes root (holds samples/ and v1.0-*/)")
-    nusc.add_argument("--version", default="v1.0-trainval", choices=VERSIONS)
-    nusc.add_argument("--out-dir", required=True, help="where to write the info .pkl files")
-    nusc.add_argument("--prefix", default="nuscenes_occ", help="file name prefix (default: nuscenes_occ)")
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.dataset != "nuscenes":
-        print(f"error: unknown dataset {args.dataset!r}")
-        return 2
-    try:
-        create_nuscenes_infos(args.data_root, args.version, args.out_dir, args.prefix)
-    except (RuntimeError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}")
-        return 2
-    return 0

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from spotocc.cli import main
+from spotocc.commands.diagnose import MEMORISE_VARIANTS
 from spotocc.config import apply_overrides
 from spotocc.data.batch import collate
 from spotocc.diagnostics.memorise import (
@@ -24,7 +25,6 @@ from spotocc.diagnostics.memorise import (
 )
 from spotocc.models import build_model
 from spotocc.models.view_transform import depth_targets
-from spotocc.tools.diagnose import MEMORISE_VARIANTS
 
 # A small synthetic_tiny: 16^3 GT grid (LSS 8^3: the neck's x2 upsampling needs even sizes down to
 # 1^3), one 32x64 camera (2x4 feature cells), 24 depth bins, few matching points.

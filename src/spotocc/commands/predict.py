@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from spotocc.commands.convert_checkpoint import add_pickle_arguments
 from spotocc.engine.evaluator import DatasetFactory, ModelFactory
-from spotocc.tools.convert_checkpoint import add_pickle_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,8 +49,8 @@ def main(
     model_factory: ModelFactory | None = None,
     dataset_factory: DatasetFactory | None = None,
 ) -> int:
+    from spotocc.commands.eval import apply_data_arguments
     from spotocc.engine import distributed as dist_utils
-    from spotocc.engine.eval_cli import apply_data_arguments
     from spotocc.engine.evaluator import default_dataset_factory, evaluate, load_model_from_checkpoint
 
     owns_group = not dist_utils.is_distributed()

@@ -35,7 +35,7 @@ def _colour_count(path, rgb):
 
 
 def test_module_forces_a_headless_matplotlib_backend():
-    import spotocc.tools.visualize  # noqa: F401
+    import spotocc.commands.visualize  # noqa: F401
 
     assert os.environ["MPLBACKEND"] == "Agg"
 

@@ -16,11 +16,12 @@ import torch
 from torch.utils.data import Dataset
 
 from spotocc import cli
+from spotocc.commands import eval as eval_cli
+from spotocc.commands import predict as predict_cli
 from spotocc.config import get_config
-from spotocc.engine import eval_cli, predict_cli
 from spotocc.engine.checkpoint import CheckpointError, load_weights_file
 from spotocc.engine.evaluator import load_model_from_checkpoint
-from spotocc.tools.released_checkpoint import build_model_from_released
+from spotocc.engine.released_checkpoint import build_model_from_released
 
 # the pickle global numpy scalars reduce to: numpy.core.multiarray.scalar (numpy 1), numpy._core.* (2)
 NUMPY_SCALAR = f"{np.int64(0).__reduce__()[0].__module__}.scalar"

@@ -1,1 +1,0 @@
-"""Command-line tools: data preparation and checks, visualisation, checkpoint conversion, info."""
