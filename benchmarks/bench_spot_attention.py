@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from spotocc.models.heads.spot import SpotCrossAttention  # noqa: E402
+from spotocc.models.heads.spot_attention import SpotCrossAttention  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # the released algorithm, transcribed step by step (batch-first tensors)

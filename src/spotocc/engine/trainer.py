@@ -26,6 +26,9 @@ if set). Resuming is exact: the checkpoint holds the model, optimizer, schedule,
 every rank's RNG states and the position in the epoch's sample order, and each sample's
 augmentation is seeded from ``(seed, epoch, index)``, so the resumed run computes the same losses as
 the uninterrupted one (bit for bit on the same hardware and thread count).
+
+About 730 lines in one module on purpose: the loop, its steps and the state they save and restore
+read top to bottom in one file, as nanoGPT's ``train.py`` does.
 """
 
 from __future__ import annotations

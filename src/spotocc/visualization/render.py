@@ -10,7 +10,9 @@ casting through the grid, but costs only about the on-screen area of the surface
 
 Conventions: grids are ``[X, Y, Z]`` labels in the grid frame of ``point_cloud_range``; x, y, z in
 metres, z up. SemanticKITTI's ego vehicle is at x = 0 looking +x; nuScenes' at the range centre
-looking +y (LIDAR_TOP: x right, y forward).
+looking +y (LIDAR_TOP: x right, y forward). About 650 lines in one module: the camera, the face
+rasteriser and the shading make one renderer, and the bird's-eye view shares its frame and its grid
+conventions.
 """
 
 from __future__ import annotations

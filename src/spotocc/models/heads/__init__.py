@@ -6,7 +6,8 @@ from spotocc.models.heads.sparseocc import (
     SparseOccOutput,
     masked_attention_mask,
 )
-from spotocc.models.heads.spot import HeadOutput, SpotCrossAttention, SpotDecoderLayer, SpotOccHead
+from spotocc.models.heads.spot import HeadOutput, SpotDecoderLayer, SpotOccHead
+from spotocc.models.heads.spot_attention import SpotCrossAttention
 
 __all__ = [
     "HeadOutput",

@@ -4,7 +4,8 @@ Every prediction stage is matched to the GT classes independently (Hungarian mat
 weighted GT points) and supervised with a class-weighted cross-entropy and with sigmoid BCE and naive dice
 losses on uncertainty-sampled points. Denoising (DN) slots are assigned to their GT directly. The loss
 reductions and average factors are those of the release (mmdet 2.14 ``CrossEntropyLoss``, the project's
-``DiceLoss``); all of it runs in fp32, also under autocast.
+``DiceLoss``); all of it runs in fp32, also under autocast. About 490 lines in one module: the
+criterion and its loss terms are used only together, by both heads.
 """
 
 from __future__ import annotations
