@@ -11,6 +11,9 @@ Batch 1 x 1 camera in training: the camera-vector BatchNorm1d and ASPP's pooled-
 value per channel, where PyTorch's BatchNorm raises (the released runs relied on SyncBN over 8 GPUs).
 :class:`SingleSampleSafeBatchNorm1d`/``2d`` then normalise with the running statistics and update only
 the running mean; with more than one value per channel they are plain BatchNorms.
+
+About 780 lines in one module: the frustum, its geometry, the depth net, the pooling and the depth
+loss are the parts of the one released view transformer and are used only by it.
 """
 
 from __future__ import annotations
