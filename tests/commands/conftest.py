@@ -1,4 +1,4 @@
-"""Fixtures of the tool tests: the hand-made tiny-dataset writers of ``tests/data/tiny_data.py``."""
+"""Fixtures of the command tests: the hand-made tiny-dataset writers of ``tests/data/tiny_data.py``."""
 
 import importlib.util
 import sys
