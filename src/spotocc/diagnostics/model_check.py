@@ -3,10 +3,11 @@
 Two scenes are generated at the preset's sizes (one camera at 192x640, a 64x64x16 grid) into a
 temporary folder and read back by the real SemanticKITTI reader, as one batch of 2. The step is the
 trainer's: ``forward_train`` under :func:`~spotocc.engine.evaluator.autocast_context`, the summed loss,
-backward (through a GradScaler for fp16), gradient clipping and the AdamW step of the preset. Then
-``predict`` in eval mode under the same autocast. Wrong: a non-finite loss, gradient or weight, no
-weight that moved, labels of the wrong shape or outside the classes, or a mixed-precision loss more
-than :data:`AMP_LOSS_TOLERANCE` away from the float32 loss of the same weights and batch.
+backward (through a GradScaler for fp16, repeated while it skips overflowing steps), gradient clipping
+and the AdamW step of the preset. Then ``predict`` in eval mode under the same autocast. Wrong: a
+non-finite loss, gradient or weight, no weight that moved, labels of the wrong shape or outside the
+classes, or a mixed-precision loss more than :data:`AMP_LOSS_TOLERANCE` away from the float32 loss of
+the same weights and batch.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import torch
 
 from spotocc.diagnostics.selfcheck import CheckFailed
 
-__all__ = ["AMP_LOSS_TOLERANCE", "TinyModelCheck", "amp_for_device"]
+__all__ = ["AMP_LOSS_TOLERANCE", "MAX_SKIPPED_STEPS", "TinyModelCheck", "amp_for_device"]
 
 # relative difference allowed between the first loss under autocast and in float32 (measured: 0.03%
 # for bf16 on a CPU; the Hungarian matching may pick other pairs in reduced precision)
 AMP_LOSS_TOLERANCE = 0.1
+MAX_SKIPPED_STEPS = 16  # fp16: the GradScaler halves its scale (from 65536) at each skipped step
 
 
 def amp_for_device(device: torch.device) -> str:
@@ -72,8 +74,7 @@ class TinyModelCheck:
         """One training step and one prediction under ``amp`` ("none", "bf16" or "fp16")."""
         from spotocc.benchmarking.memory import MemoryPeak, measure_peak
         from spotocc.engine.evaluator import autocast_context, move_to_device
-        from spotocc.engine.optim import build_optimizer, clip_gradients
-        from spotocc.engine.trainer import total_loss
+        from spotocc.engine.optim import build_optimizer
         from spotocc.models import build_model
         from spotocc.models.sparse.conv import resolve_backend
 
@@ -89,28 +90,12 @@ class TinyModelCheck:
         torch.manual_seed(1)  # the same noise (denoising queries, point sampling) in every precision
         start = time.perf_counter()
         with measure_peak(device, train_peak):
-            with autocast_context(device, amp):
-                losses = model.forward_train(batch)
-            loss = total_loss(losses)
-            bad = [k for k, v in losses.items() if "loss" in k and not torch.isfinite(v).all()]
-            if bad or not torch.isfinite(loss):
-                raise CheckFailed(f"non-finite losses under amp={amp}: {', '.join(bad) or 'the total'}")
-            scaler.scale(loss).backward()
-            if scaler.is_enabled():
-                scaler.unscale_(optimizer)
-            clip_gradients(model.parameters(), cfg.train.grad_clip)
-            grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-            if not grads_finite and not scaler.is_enabled():
-                raise CheckFailed(f"non-finite gradients under amp={amp} with a finite loss")
-            scaler.step(optimizer)  # skipped by the GradScaler when fp16 gradients overflowed
-            scaler.update()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            loss, skipped = self._train_step(model, batch, optimizer, scaler, cfg, device, amp)
         train_seconds = time.perf_counter() - start
         moved = sum(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise CheckFailed(f"non-finite weights after the step under amp={amp}")
-        if moved == 0 and grads_finite:
+        if moved == 0:
             raise CheckFailed(f"no weight changed in the training step under amp={amp}")
 
         model.eval()
@@ -139,9 +124,12 @@ class TinyModelCheck:
                     "of the same weights and batch"
                 )
             parts[0] += f" ({change:.2%} from float32)"
-        if not grads_finite:
+        if skipped:
             scale = scaler.get_scale()
-            parts.append(f"fp16 gradients overflowed at scale {scale:.0f}: the GradScaler skipped the step")
+            parts.append(
+                f"the GradScaler skipped {skipped} overflowing step{'s' if skipped > 1 else ''} first"
+            )
+            parts[-1] += f" (scale now {scale:.0f})"
         parts.append(f"step {train_seconds:.2f} s, predict {predict_seconds:.2f} s")
         peaks = [p.peak_mib for p in (train_peak, predict_peak)]
         if all(p is not None for p in peaks):
@@ -150,3 +138,43 @@ class TinyModelCheck:
         backend = resolve_backend(cfg.model.sparse_backend, device)
         parts.append(f"batch {expected[0]}, sparse backend {backend}")
         return "; ".join(parts)
+
+    @staticmethod
+    def _train_step(model, batch, optimizer, scaler, cfg, device, amp) -> tuple[torch.Tensor, int]:
+        """The trainer's step: (the first total loss, the steps the fp16 GradScaler skipped first).
+
+        A GradScaler starts at a scale (65536) that usually overflows fp16 gradients; it skips such a
+        step and halves the scale, so under fp16 the step repeats until one is taken (at most
+        :data:`MAX_SKIPPED_STEPS` skips, down to a scale of 1).
+        """
+        from spotocc.engine.evaluator import autocast_context
+        from spotocc.engine.optim import clip_gradients
+        from spotocc.engine.trainer import total_loss
+
+        first_loss = None
+        for skipped in range(MAX_SKIPPED_STEPS + 1 if scaler.is_enabled() else 1):
+            optimizer.zero_grad(set_to_none=True)
+            with autocast_context(device, amp):
+                losses = model.forward_train(batch)
+            loss = total_loss(losses)
+            bad = [k for k, v in losses.items() if "loss" in k and not torch.isfinite(v).all()]
+            if bad or not torch.isfinite(loss):
+                raise CheckFailed(f"non-finite losses under amp={amp}: {', '.join(bad) or 'the total'}")
+            first_loss = loss.detach() if first_loss is None else first_loss
+            scaler.scale(loss).backward()
+            if scaler.is_enabled():
+                scaler.unscale_(optimizer)
+            clip_gradients(model.parameters(), cfg.train.grad_clip)
+            finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+            if not finite and not scaler.is_enabled():
+                raise CheckFailed(f"non-finite gradients under amp={amp} with a finite loss")
+            scaler.step(optimizer)  # skipped by the GradScaler when fp16 gradients overflowed
+            scaler.update()
+            if finite:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                return first_loss, skipped
+        raise CheckFailed(
+            f"fp16 gradients overflowed in {MAX_SKIPPED_STEPS + 1} steps, down to a GradScaler scale of "
+            f"{scaler.get_scale():.0f}, with finite losses"
+        )
