@@ -98,8 +98,9 @@ class ViewTransformerConfig:
     pool: str = "sum"  # "sum" as released; "mean": divide by the frustum points per voxel (not released)
     # not released: cells without a LiDAR point (above the top beam) learn the first labelled voxel's depth
     depth_from_occupancy: bool = False
-    # not released: > 0 adds a 1x1 classifier on the context features, trained with this weight to give each
-    # feature cell the class of the first labelled voxel along its ray (dense 2D supervision of what is lifted)
+    # not released: > 0 adds a 1x1 classifier on the context features, trained with this weight to give
+    # each feature cell the class of the first labelled voxel along its ray (dense 2D supervision of what
+    # is lifted)
     semantic_loss_weight: float = 0.0
 
 

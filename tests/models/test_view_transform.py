@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from spotocc.config import get_config
 from spotocc.models.view_transform import (
+    NO_DEPTH,
     DeformConv2d,
     DepthNet,
     SingleSampleSafeBatchNorm1d,
@@ -15,7 +16,6 @@ from spotocc.models.view_transform import (
     depth_targets,
     frustum_to_grid,
     image_aug_transform,
-    NO_DEPTH,
     lift_and_pool,
     make_frustum,
     occupancy_depth,
@@ -399,7 +399,8 @@ def test_depth_from_occupancy_fills_only_cells_without_lidar(fix):
 
     vt.depth_from_occupancy = False  # LiDAR alone: cell 0 only
     lidar_only = _bce_row(rows[0].tolist(), expected[0])
-    assert vt.depth_loss(gt, probs, gt_occ=gt_occ, points=points).item() == pytest.approx(lidar_only, rel=1e-5)
+    loss = vt.depth_loss(gt, probs, gt_occ=gt_occ, points=points).item()
+    assert loss == pytest.approx(lidar_only, rel=1e-5)
     vt.depth_from_occupancy = True
     with pytest.raises(ValueError, match="depth_from_occupancy needs gt_occ"):
         vt.depth_loss(gt, probs)
@@ -429,7 +430,8 @@ def test_semantic_loss_is_off_by_default_and_adds_no_parameters():
     plain = _tiny_view_transformer()
     assert plain.context_classifier is None
     with pytest.raises(RuntimeError, match="semantic_loss_weight is 0"):
-        plain.semantic_loss(torch.zeros(1, 4, 4, 11), torch.zeros(1, 128, 128, 10), torch.zeros(1, 1, 112, 4, 11, 3))
+        context, gt_occ = torch.zeros(1, 4, 4, 11), torch.zeros(1, 128, 128, 10)
+        plain.semantic_loss(context, gt_occ, torch.zeros(1, 1, 112, 4, 11, 3))
     switched = _tiny_view_transformer(semantic_loss_weight=1.0, num_classes=17)
     extra = sum(p.numel() for p in switched.parameters()) - sum(p.numel() for p in plain.parameters())
     assert extra == 4 * 17 + 17  # one 1x1 conv from the context channels to the classes

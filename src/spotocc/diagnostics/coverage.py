@@ -37,6 +37,7 @@ from spotocc.models.view_transform import ViewTransformer, voxel_indices
 
 __all__ = ["CoverageCounts", "CoverageProbe", "format_coverage", "measure_coverage", "project_points"]
 
+
 @dataclass
 class CoverageCounts:
     """Counts summed over samples: per class (index = class id) and per LSS height level z."""

@@ -63,6 +63,7 @@ def run_quickstart(
     if generate_fn is None:
         from spotocc.data.synthetic import generate as generate_fn
     from spotocc.data.synthetic import source_image_size
+
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     print(f"[1/3] generating {num_train} training and {num_val} held-out scenes in {data_dir}")
