@@ -202,16 +202,18 @@ class AugmentationConfig:
 
 @dataclass
 class DataConfig:
-    format: str = "nuscenes-occupancy"  # "nuscenes-occupancy" or "semantickitti"
-    class_set: str = "nuscenes"  # "nuscenes" or "semantickitti"
+    format: str = "nuscenes-occupancy"  # "nuscenes-occupancy", "semantickitti" or "occ3d-nuscenes"
+    class_set: str = "nuscenes"  # "nuscenes", "semantickitti" or "occ3d"
     root: str = "data/nuscenes"  # dataset root (SemanticKITTI: the folder holding dataset/sequences)
-    occ_root: str = "data/nuScenes-Occupancy"  # nuScenes-Occupancy GT files
+    occ_root: str = "data/nuScenes-Occupancy"  # nuScenes-Occupancy GT files (Occ3D: the gts/ folder)
     depth_root: str = "data/depth_gt"  # nuScenes depth targets (<image name>.bin)
-    train_info: str = "data/nuscenes/nuscenes_occ_infos_train.pkl"
+    train_info: str = "data/nuscenes/nuscenes_occ_infos_train.pkl"  # Occ3D: info .pkl or annotations.json
     val_info: str = "data/nuscenes/nuscenes_occ_infos_val.pkl"
     train_split: str = "train"
     val_split: str = "val"
     every_5th_scan: bool = False  # SemanticKITTI: only frames whose id is a multiple of 5
+    # Occ3D: voxels outside this visibility mask ("camera", "lidar") are ignored (255) in gt_occ; "none"
+    gt_mask: str = "none"
     cameras: tuple[str, ...] = (
         "CAM_FRONT_LEFT",
         "CAM_FRONT",

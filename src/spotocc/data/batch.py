@@ -16,6 +16,8 @@ post_trans      float32 [N, 3]         (top-left 2x2 / first two entries used, s
 bda             float32 [4, 4]         BEV augmentation applied to the 3D points (identity if off)
 gt_depth        float32 [N, H, W]      optional: LiDAR depth at network pixels, 0 = no point
 gt_occ          uint8 [X, Y, Z]        optional: labels in the official orientation, 255 = ignore
+mask_camera     bool [X, Y, Z]         optional (Occ3D): voxel observed by the current cameras
+mask_lidar      bool [X, Y, Z]         optional (Occ3D): voxel observed by the accumulated LiDAR
 meta            dict                   "sample_id" (unique str, used for prediction file names),
                                        "dataset", and reader-specific entries (paths, tokens)
 ==============  =====================  ==========================================================
@@ -32,7 +34,7 @@ from typing import Any
 import torch
 
 REQUIRED_KEYS = ("img", "rots", "trans", "intrins", "post_rots", "post_trans", "bda")
-OPTIONAL_KEYS = ("gt_depth", "gt_occ")
+OPTIONAL_KEYS = ("gt_depth", "gt_occ", "mask_camera", "mask_lidar")
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -124,6 +124,19 @@ def load_npy(path: str | Path, what: str, *, header_only: bool = False) -> np.nd
         raise DataFileError(path, f"{what} is not a readable .npy array: {err}") from err
 
 
+def check_matrix(value: Any, shape: tuple[int, ...], where: str, path: str | Path) -> np.ndarray:
+    """``value`` as a finite float64 array of ``shape``, else a DataFileError naming ``path``, ``where``."""
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise DataFileError(path, f"{where} is not numeric: {err}") from err
+    if array.shape != shape:
+        raise DataFileError(path, f"{where} has shape {array.shape}, expected {shape}")
+    if not np.isfinite(array).all():
+        raise DataFileError(path, f"{where} holds non-finite values")
+    return array
+
+
 # --------------------------------------------------------------------------------------------------
 # Restricted unpickling (info files)
 

@@ -33,19 +33,17 @@ import torch
 from torch.utils.data import Dataset
 
 from spotocc.config import AugmentationConfig
-from spotocc.data.depth import pixel_depth_targets
-from spotocc.data.files import DataFileError, load_npy, load_restricted_pickle, read_binary, read_image
+from spotocc.data.camera_views import CameraView, intrinsics_4x4, load_views
+from spotocc.data.camera_views import depth_path as depth_path  # re-exported: check.py and users
+from spotocc.data.camera_views import read_depth_points as read_depth_points
+from spotocc.data.files import DataFileError, check_matrix, load_npy, load_restricted_pickle
 from spotocc.data.transforms import (
     BevFlips,
-    augment_image,
-    augmentation_matrices,
     bev_matrix,
     check_grid,
     check_input_size,
     flip_occupancy,
-    normalize_image,
     sample_bev_flips,
-    sample_image_augmentation,
 )
 
 CAMERAS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT")
@@ -57,18 +55,6 @@ IGNORE = 255
 
 # --------------------------------------------------------------------------------------------------
 # Info files
-
-
-def _check_matrix(value: Any, shape: tuple[int, ...], where: str, path: Path) -> np.ndarray:
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise DataFileError(path, f"{where} is not numeric: {err}") from err
-    if array.shape != shape:
-        raise DataFileError(path, f"{where} has shape {array.shape}, expected {shape}")
-    if not np.isfinite(array).all():
-        raise DataFileError(path, f"{where} holds non-finite values")
-    return array
 
 
 def check_info(info: Any, index: int, path: Path, cameras: Sequence[str]) -> None:
@@ -91,11 +77,11 @@ def check_info(info: Any, index: int, path: Path, cameras: Sequence[str]) -> Non
         missing = [k for k in CAMERA_KEYS if k not in cam]
         if missing:
             raise DataFileError(path, f"{where}['cams'][{camera!r}] is missing keys {missing}")
-        _check_matrix(cam["cam_intrinsic"], (3, 3), f"{where} {camera} cam_intrinsic", path)
-        rot = _check_matrix(
+        check_matrix(cam["cam_intrinsic"], (3, 3), f"{where} {camera} cam_intrinsic", path)
+        rot = check_matrix(
             cam["sensor2lidar_rotation"], (3, 3), f"{where} {camera} sensor2lidar_rotation", path
         )
-        _check_matrix(
+        check_matrix(
             cam["sensor2lidar_translation"], (3,), f"{where} {camera} sensor2lidar_translation", path
         )
         if abs(np.linalg.det(rot)) < 1e-6:
@@ -136,10 +122,6 @@ def resolve_data_path(path: str, data_root: str | Path) -> Path:
 
 def occupancy_path(occ_root: str | Path, info: dict[str, Any]) -> Path:
     return Path(occ_root) / f"scene_{info['scene_token']}" / "occupancy" / f"{info['lidar_token']}.npy"
-
-
-def depth_path(depth_root: str | Path, image_path: str) -> Path:
-    return Path(depth_root) / f"{os.path.basename(image_path)}.bin"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,11 +198,6 @@ def densify_occupancy(rows: np.ndarray, occ_size: Sequence[int]) -> np.ndarray:
 def load_occupancy(path: str | Path, occ_size: Sequence[int], num_classes: int = 17) -> np.ndarray:
     """uint8 ``[X, Y, Z]`` ground truth of one OpenOccupancy ``.npy`` file."""
     return densify_occupancy(read_sparse_occupancy(path, occ_size, num_classes), occ_size)
-
-
-def read_depth_points(path: str | Path) -> np.ndarray:
-    """A depth_gt ``.bin`` file -> float32 ``[P, 3]`` rows (u, v, depth) in original pixels."""
-    return read_binary(path, np.float32, what="depth file", row=3).reshape(-1, 3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,48 +280,26 @@ class NuScenesOccupancy(Dataset):
         lidar2cam[:3, :3] = lidar2cam_r
         lidar2cam[:3, 3] = -(tran @ lidar2cam_r.T)
         cam2lidar = torch.linalg.inv(torch.from_numpy(lidar2cam)).to(torch.float32)
-        intrins = torch.eye(4)
-        intrins[:3, :3] = torch.tensor(
-            np.asarray(cam["cam_intrinsic"], dtype=np.float64), dtype=torch.float32
-        )
-        intrins[3, 3] = 1.0
-        return cam2lidar[:3, :3].clone(), cam2lidar[:3, 3].clone(), intrins
+        return cam2lidar[:3, :3].clone(), cam2lidar[:3, 3].clone(), intrinsics_4x4(cam["cam_intrinsic"])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         info = self.infos[index]
         rng = self._rng()
-        imgs, rots, trans, intrins, post_rots, post_trans, depths, paths = [], [], [], [], [], [], [], []
+        views = []
         for camera in self.cameras:
             cam = info["cams"][camera]
-            path = resolve_data_path(str(cam["data_path"]), self.data_root)
-            img = read_image(path)
-            params = sample_image_augmentation(
-                (img.height, img.width), self.input_size, self.augmentation, train=self.train, rng=rng
-            )
-            post_rot, post_tran = augmentation_matrices(params)
             rot, tran, intrin = self.camera_geometry(cam)
-            imgs.append(normalize_image(augment_image(img, params), bgr_input=self.bgr_input))
-            rots.append(rot)
-            trans.append(tran)
-            intrins.append(intrin)
-            post_rots.append(post_rot)
-            post_trans.append(post_tran)
-            paths.append(str(path))
-            if self.train:
-                assert self.depth_root is not None
-                points = read_depth_points(depth_path(self.depth_root, str(cam["data_path"])))
-                depths.append(pixel_depth_targets(points, params, self.input_size))
-
-        sample: dict[str, Any] = {
-            "img": torch.stack(imgs),  # [N, 3, H, W]
-            "rots": torch.stack(rots),  # [N, 3, 3]
-            "trans": torch.stack(trans),  # [N, 3]
-            "intrins": torch.stack(intrins),  # [N, 4, 4]
-            "post_rots": torch.stack(post_rots),  # [N, 3, 3]
-            "post_trans": torch.stack(post_trans),  # [N, 3]
-        }
-        if self.train:
-            sample["gt_depth"] = torch.stack(depths)  # [N, H, W]
+            path = resolve_data_path(str(cam["data_path"]), self.data_root)
+            views.append(CameraView(path, str(cam["data_path"]), rot, tran, intrin))
+        sample, paths = load_views(
+            views,
+            input_size=self.input_size,
+            augmentation=self.augmentation,
+            train=self.train,
+            rng=rng,
+            bgr_input=self.bgr_input,
+            depth_root=self.depth_root if self.train else None,
+        )
         flips = BevFlips()
         if self.train and self.augmentation.bda:
             flips = sample_bev_flips(self.augmentation, rng, allow_z=False)
