@@ -24,9 +24,11 @@ same code):
   rays, and numbers are then comparable only with runs of the same origins.
 - **Traversal** (``lib/dvr/dvr.cu``, ``render_forward`` in ``"test"`` mode): coordinates in voxel
   units ``(p - pc_min) / voxel_size`` rounded to float32 (origin and ``origin + direction``), the
-  direction renormalised in float64; Amanatides-Woo stepping from the origin's voxel, ties broken
+  direction renormalised in float64 (the same formula; a CUDA build that fuses multiply-adds may
+  differ in the last bit); Amanatides-Woo stepping from the origin's voxel, ties broken
   toward z, then y (``tMaxX < tMaxY ? (tMaxX < tMaxZ ? x : z) : (tMaxY < tMaxZ ? y : z)``). A voxel
-  is occupied when its label is not ``free`` (17). A ray's **depth** is the distance at which it
+  is occupied when its label is not ``free`` (17); labels outside 0..17 are refused (the reference
+  would count, e.g., 255 as occupied). A ray's **depth** is the distance at which it
   *leaves* its first occupied voxel, in float32 metres (``dist * voxel_size``); its **label** is
   that voxel's. A ray that meets no occupied voxel gets the distance at which it leaves the grid and
   the label of its last voxel, ``free``. The reference stops after 1000 steps, which never binds on
