@@ -56,3 +56,20 @@ def test_synth_reports_bad_arguments(tmp_path, capsys):
         == 2
     )
     assert "divisible by 8" in capsys.readouterr().err
+
+
+def test_synth_occ3d_writes_labels_with_both_masks_and_both_sample_lists(tmp_path, capsys):
+    out = tmp_path / "data"
+    args = ["synth", "--format", "occ3d-nuscenes", "--out", str(out), "--num-train", "1", "--num-val", "1",
+            "--grid", "40", "40", "8", "--image-size", "18", "32", "--lidar-azimuth-steps", "64"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "data.train_info=" in printed and "bevdetv2-nuscenes_infos_train.pkl" in printed
+    root = out / "occ3d-nuscenes"
+    (labels, _) = sorted(root.glob("gts/*/*/labels.npz"))
+    with np.load(labels) as npz:
+        assert sorted(npz.files) == ["mask_camera", "mask_lidar", "semantics"]
+        assert all(npz[k].shape == (40, 40, 8) and npz[k].dtype == np.uint8 for k in npz.files)
+        assert npz["semantics"].max() == 17 and set(np.unique(npz["mask_camera"])) <= {0, 1}
+    assert (root / "annotations.json").is_file() and (root / "bevdetv2-nuscenes_infos_val.pkl").is_file()
+    assert len(sorted((root / "imgs").rglob("*.jpg"))) == 12  # the imgs link of the Occ3D layout

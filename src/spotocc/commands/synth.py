@@ -1,4 +1,4 @@
-"""``spotocc synth``: generate procedural street scenes in the SemanticKITTI or nuScenes-Occupancy layout.
+"""``spotocc synth``: procedural street scenes in the SemanticKITTI, nuScenes-Occupancy or Occ3D layout.
 
     spotocc synth --preset synthetic_tiny --out data/synthetic_tiny --num-train 48 --num-val 12
 
@@ -17,8 +17,12 @@ from spotocc.config import GridConfig, get_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=("semantickitti", "nuscenes-occupancy"), default=None,
-                        help="dataset layout (default: the preset's, else semantickitti)")  # fmt: skip
+    parser.add_argument(
+        "--format",
+        choices=("semantickitti", "nuscenes-occupancy", "occ3d-nuscenes"),
+        default=None,
+        help="dataset layout (default: the preset's, else semantickitti)",
+    )
     parser.add_argument(
         "--out", required=True, help="output folder (SemanticKITTI: the folder holding dataset/)"
     )

@@ -1,4 +1,4 @@
-"""Procedural street scenes written in the real dataset layouts (SemanticKITTI, nuScenes-Occupancy).
+"""Procedural street scenes written in the real dataset layouts (SemanticKITTI, nuScenes-Occupancy, Occ3D).
 
 A newcomer without a dataset can run the whole pipeline on them. Each scene is a randomly laid-out
 street (road with random offset, heading, curvature and lanes; sidewalks, parking, buildings,
@@ -8,8 +8,9 @@ and noise) and a spinning multi-beam LiDAR scan. See :func:`generate` and :func:
 
 Modules: ``kinds`` (what a scene is made of, label ids, colours), ``layout`` (the procedural scene),
 ``geometry`` (world grid, calibration, camera rigs), ``raycast`` (exact voxel ray casting),
-``render`` (images, scans, observability), ``sample`` (one sample in memory), ``kitti_format`` /
-``nuscenes_format`` (writers), ``generate`` (the dataset), ``baseline`` (image-blind baseline).
+``render`` (images, scans, observability), ``visibility`` (Occ3D's LiDAR and camera masks),
+``sample`` (one sample in memory), ``kitti_format`` / ``nuscenes_format`` / ``occ3d_format``
+(writers), ``generate`` (the dataset), ``baseline`` (image-blind baseline).
 """
 
 from spotocc.data.synthetic.baseline import most_frequent_labels, ssc_scores

@@ -1,4 +1,4 @@
-"""``generate``: write a synthetic dataset in the SemanticKITTI or nuScenes-Occupancy layout."""
+"""``generate``: write a synthetic dataset in the SemanticKITTI, nuScenes-Occupancy or Occ3D layout."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from spotocc.config import DataConfig, GridConfig
-from spotocc.data.synthetic import kitti_format, nuscenes_format
+from spotocc.data.synthetic import kitti_format, nuscenes_format, occ3d_format
 from spotocc.data.synthetic.geometry import kitti_calibration
 from spotocc.data.synthetic.sample import (
     DEFAULT_GRIDS,
@@ -27,6 +27,7 @@ from spotocc.data.synthetic.sample import (
 OUTPUT_FOLDERS = {
     "semantickitti": ("dataset", "labels"),
     "nuscenes-occupancy": ("nuscenes", "nuScenes-Occupancy", "depth_gt"),
+    "occ3d-nuscenes": (occ3d_format.ROOT, occ3d_format.DEPTH),
 }
 
 
@@ -66,8 +67,9 @@ def generate(
 ) -> SyntheticSummary:
     """Generate ``num_train`` + ``num_val`` procedural street scenes and write them in a real layout.
 
-    ``format``: ``"semantickitti"`` (``out_dir`` = the folder holding ``dataset/sequences``) or
-    ``"nuscenes-occupancy"`` (``out_dir`` plays the role of ``data/``). ``grid``: the GT grid (range
+    ``format``: ``"semantickitti"`` (``out_dir`` = the folder holding ``dataset/sequences``),
+    ``"nuscenes-occupancy"`` (``out_dir`` plays the role of ``data/``) or ``"occ3d-nuscenes"`` (see
+    :mod:`.occ3d_format`; both sample lists). ``grid``: the GT grid (range
     and ``occ_size``; default :data:`DEFAULT_GRIDS`); ``image_size``: (H, W) of the written images
     (default :data:`DEFAULT_IMAGE_SIZES`). Same arguments give byte-identical files. ``num_workers``
     > 0 renders in that many processes. Existing output of the format in ``out_dir`` is an error
@@ -136,9 +138,11 @@ def generate(
             files += kitti_format.write_sequence_files(out, seq, frame, calib)
             for sub in ("image_2", "velodyne", "voxels"):
                 (out / "dataset" / "sequences" / seq / sub).mkdir(parents=True, exist_ok=True)
+    elif format == "occ3d-nuscenes":
+        files += occ3d_format.write_lists(out, infos)
     else:
         files += [nuscenes_format.write_infos(out, split, infos[split]) for split in SPLITS]
-    num_classes = 20 if format == "semantickitti" else 17
+    num_classes = {"semantickitti": 20, "nuscenes-occupancy": 17, "occ3d-nuscenes": 18}[format]
     return SyntheticSummary(
         out_dir=str(out),
         format=format,
@@ -172,6 +176,8 @@ def _write_one(job: tuple[dict[str, Any], str, int]) -> dict[str, Any]:
     info = None
     if fmt == "semantickitti":
         files = kitti_format.write_sample(out, sample, write_npy_labels=options["write_npy_labels"])
+    elif fmt == "occ3d-nuscenes":
+        info, files = occ3d_format.write_sample(out, sample, seed=options["seed"])
     else:
         info, files = nuscenes_format.write_sample(out, sample, seed=options["seed"])
     return {
@@ -197,6 +203,15 @@ def data_overrides(fmt: str, out: Path) -> list[str]:
     """``data.*`` overrides that point a preset of the format at a generated dataset in ``out``."""
     if fmt == "semantickitti":
         return [f"data.root={out}"]
+    if fmt == "occ3d-nuscenes":
+        root = out / occ3d_format.ROOT
+        return [
+            f"data.root={root}",
+            f"data.occ_root={root / 'gts'}",
+            f"data.depth_root={out / occ3d_format.DEPTH}",
+            f"data.train_info={root / occ3d_format.INFO_FILES['train']}",
+            f"data.val_info={root / occ3d_format.INFO_FILES['val']}",
+        ]
     return [
         f"data.root={out / 'nuscenes'}",
         f"data.occ_root={out / 'nuScenes-Occupancy'}",

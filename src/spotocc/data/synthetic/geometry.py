@@ -175,8 +175,15 @@ def nuscenes_camera_to_ego(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return rot, np.array(position), np.array([[focal, 0.0, 0.510], [0.0, focal, 0.546], [0.0, 0.0, 1.0]])
 
 
-def nuscenes_cameras(height: int, width: int) -> list[tuple[Camera, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per camera: (Camera with ``P = [K | 0]`` and cam -> LIDAR_TOP, K, cam->ego rotation, translation)."""
+def nuscenes_cameras(
+    height: int, width: int, frame: str = "lidar"
+) -> list[tuple[Camera, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per camera: (Camera with ``P = [K | 0]`` and cam -> grid frame, K, cam->ego rotation, translation).
+
+    ``frame``: the grid frame, ``"lidar"`` (LIDAR_TOP, nuScenes-Occupancy) or ``"ego"`` (Occ3D).
+    """
+    if frame not in ("lidar", "ego"):
+        raise ValueError(f"nuscenes_cameras: frame must be 'lidar' or 'ego', got {frame!r}")
     lidar_to_ego = np.eye(4)
     lidar_to_ego[:3, :3] = NUSCENES_LIDAR_TO_EGO_ROTATION
     lidar_to_ego[:3, 3] = NUSCENES_LIDAR_TO_EGO_TRANSLATION
@@ -193,9 +200,9 @@ def nuscenes_cameras(height: int, width: int) -> list[tuple[Camera, np.ndarray, 
         )
         cam_to_ego = np.eye(4)
         cam_to_ego[:3, :3], cam_to_ego[:3, 3] = rot, trans
-        cam_to_lidar = ego_to_lidar @ cam_to_ego
+        cam_to_grid = ego_to_lidar @ cam_to_ego if frame == "lidar" else cam_to_ego
         out.append(
-            (Camera(name, height, width, np.hstack([K, np.zeros((3, 1))]), cam_to_lidar), K, rot, trans)
+            (Camera(name, height, width, np.hstack([K, np.zeros((3, 1))]), cam_to_grid), K, rot, trans)
         )
     return out
 

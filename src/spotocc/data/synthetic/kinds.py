@@ -1,8 +1,8 @@
 """The kinds of things a synthetic scene is made of, their dataset label ids, colours and reflectance.
 
 A scene is first built as a grid of *kind* ids (this table's index); the writers then map kinds to the
-raw SemanticKITTI label ids (the learning map applies as for the real data) or to the
-nuScenes-Occupancy labels 1..16 (0 = noise).
+raw SemanticKITTI label ids (the learning map applies as for the real data), to the
+nuScenes-Occupancy labels 1..16 (0 = noise) or to the Occ3D ids (0 others .. 16 vegetation, 17 free).
 """
 
 from __future__ import annotations
@@ -56,6 +56,11 @@ NUM_KINDS = len(KINDS)
 
 KITTI_RAW = np.array([k.kitti_raw for k in KINDS], dtype=np.uint16)  # kind -> raw SemanticKITTI id
 NUSCENES_LABEL = np.array([k.nuscenes for k in KINDS], dtype=np.uint8)  # kind -> nuScenes-Occupancy label
+# kind -> Occ3D file id: Occ3D numbers 1..16 as nuScenes-Occupancy does; noise -> 0 others, empty -> 17 free
+OCC3D_LABEL = NUSCENES_LABEL.copy()
+OCC3D_LABEL[0] = 17
+# kind -> Occ3D model id (0 free, 1 others, 2..17 the nuScenes classes), as the Occ3D reader gives them
+OCC3D_MODEL_CLASS = np.where(OCC3D_LABEL == 17, 0, OCC3D_LABEL.astype(np.int64) + 1).astype(np.uint8)
 ALBEDO = np.array([k.colour for k in KINDS], dtype=np.float32) / 255.0  # kind -> RGB in [0, 1]
 REFLECTANCE = np.array([k.reflectance for k in KINDS], dtype=np.float32)
 RENDERED = np.array([k.rendered for k in KINDS], dtype=bool)
@@ -91,4 +96,8 @@ def kind_to_class(fmt: str) -> np.ndarray:
         out[out == 0] = 255  # noise
         out[0] = 0  # empty
         return out
-    raise ValueError(f"unknown format {fmt!r}; expected 'semantickitti' or 'nuscenes-occupancy'")
+    if fmt == "occ3d-nuscenes":
+        return OCC3D_MODEL_CLASS.copy()
+    raise ValueError(
+        f"unknown format {fmt!r}; expected 'semantickitti', 'nuscenes-occupancy' or 'occ3d-nuscenes'"
+    )
