@@ -124,6 +124,9 @@ class VoxelNeckConfig:
     up_kernel_size: tuple[int, int, int] = (2, 2, 2)
     up_stride: tuple[int, int, int] = (2, 2, 2)
     up_padding: tuple[int, int, int] = (0, 0, 0)
+    # the L2 -> L1 transposed conv's kernel / padding where they must differ from L3 -> L2's (None: the same)
+    up_kernel_size_l1: tuple[int, int, int] | None = None
+    up_padding_l1: tuple[int, int, int] | None = None
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The two benchmark settings shared by the SPOT-Occ and SparseOcc presets (released configs)."""
+"""The benchmark settings shared by the SPOT-Occ and SparseOcc presets (released configs, and Occ3D)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from spotocc.config import (
     VoxelEncoderConfig,
     VoxelNeckConfig,
 )
-from spotocc.data.classes import NUSCENES_OCC_FREQUENCIES, SEMANTIC_KITTI_FREQUENCIES
+from spotocc.data.classes import NUSCENES_OCC_FREQUENCIES, OCC3D_FREQUENCIES, SEMANTIC_KITTI_FREQUENCIES
 
 
 def nuscenes_occupancy(name: str, head_type: str) -> Config:
@@ -69,6 +69,43 @@ def nuscenes_occupancy(name: str, head_type: str) -> Config:
         train=TrainConfig(epochs=24, lr_steps=(20, 23)),
         eval=EvalConfig(class0_quirk=True),  # released class-0 IoU (ignored voxels counted as TP)
     )
+
+
+def occ3d_nuscenes(name: str, head_type: str) -> Config:
+    """Occ3D-nuScenes: the nuScenes-Occupancy image side on Occ3D's 200x200x16 grid (0.4 m, ego frame).
+
+    Changed from :func:`nuscenes_occupancy`, nothing else: the grid; the LSS grid 100x100x8 (0.8 m
+    cells, the nuScenes preset's cell size, half its cells) and the neck's transposed convs that map
+    its 13 -> 25 -> 50 levels; 18 classes with free as class 0 and FlashOCC's Occ3D voxel counts;
+    the Occ3D reader with BEVDet-style infos, training on camera-visible voxels only
+    (``data.gt_mask=camera``, as FlashOCC's ``use_mask=True``); the released class-0 quirk off (the
+    Occ3D metrics have none). The depth bins stay 2..58 m at 0.5 m: the farthest grid corner is 57.8 m
+    from a camera, so every voxel can be lifted, and the depth net keeps its 112 outputs.
+    """
+    cfg = nuscenes_occupancy(name, head_type)
+    cfg.grid = GridConfig(
+        point_cloud_range=(-40.0, -40.0, -1.0, 40.0, 40.0, 5.4), occ_size=(200, 200, 16), lss_downsample=2
+    )
+    neck = cfg.model.voxel_neck
+    neck.up_kernel_size, neck.up_padding = (3, 3, 2), (1, 1, 0)  # L3 -> L2: 13 -> 25 (x, y), 1 -> 2 (z)
+    neck.up_kernel_size_l1, neck.up_padding_l1 = (2, 2, 2), (0, 0, 0)  # L2 -> L1: 25 -> 50, 2 -> 4
+    cfg.model.head.num_classes = 18
+    cfg.model.head.class_frequencies = OCC3D_FREQUENCIES
+    cfg.data = DataConfig(
+        format="occ3d-nuscenes",
+        class_set="occ3d",
+        root="data/nuscenes",
+        occ_root="data/nuscenes/gts",
+        depth_root="data/depth_gt",
+        train_info="data/nuscenes/bevdetv2-nuscenes_infos_train.pkl",
+        val_info="data/nuscenes/bevdetv2-nuscenes_infos_val.pkl",
+        gt_mask="camera",
+        input_size=(256, 704),
+        bgr_input=True,
+        augmentation=AugmentationConfig(bda=False),
+    )
+    cfg.eval = EvalConfig(class0_quirk=False)
+    return cfg
 
 
 def semantic_kitti(name: str, head_type: str) -> Config:

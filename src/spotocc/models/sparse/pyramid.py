@@ -54,6 +54,8 @@ class SparseFeaturePyramid(nn.Module):
 
     ``up_kernel_size`` / ``up_stride`` / ``up_padding`` configure both transposed convs; they must map
     L3's grid onto L2's and L2's onto L1's (nuScenes Z 2 -> 3 -> 5 needs (2,2,3)/(2,2,2)/(0,0,1)).
+    ``up_kernel_size_l1`` / ``up_padding_l1`` give the L2 -> L1 conv its own (Occ3D's 100 x 100 x 8
+    LSS grid: 13 -> 25 -> 50 in x and y needs kernel 3, padding 1, then kernel 2, padding 0).
     Parameters: 1,330,176 (nuScenes settings) / 1,035,264 (KITTI defaults).
     """
 
@@ -69,6 +71,8 @@ class SparseFeaturePyramid(nn.Module):
         up_kernel_size: Sequence[int] = (2, 2, 2),
         up_stride: Sequence[int] = (2, 2, 2),
         up_padding: Sequence[int] = (0, 0, 0),
+        up_kernel_size_l1: Sequence[int] | None = None,
+        up_padding_l1: Sequence[int] | None = None,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -102,21 +106,23 @@ class SparseFeaturePyramid(nn.Module):
         )
         self.output_convs = nn.ModuleList([ConvGNReLU3d(feat_channels, feat_channels, num_groups)])
         self.mask_feature = nn.Conv3d(feat_channels, out_channels, kernel_size=1)
-        # up_sample[0]: L3 -> L2, up_sample[1]: L2 -> L1
+        # up_sample[0]: L3 -> L2, up_sample[1]: L2 -> L1 (its own kernel / padding if given)
+        kernels = (tuple(up_kernel_size), tuple(up_kernel_size_l1 or up_kernel_size))
+        paddings = (tuple(up_padding), tuple(up_padding_l1 or up_padding))
         self.up_sample = nn.ModuleList(
             SparseSequential(
                 SparseConvTranspose3d(
                     feat_channels,
                     feat_channels,
-                    tuple(up_kernel_size),
+                    kernel,
                     tuple(up_stride),
-                    tuple(up_padding),
+                    padding,
                     bias=False,
                     backend=backend,
                 ),
                 group_norm(),
             )
-            for _ in range(self.num_sparse_levels - 1)
+            for kernel, padding in zip(kernels, paddings)
         )
 
     @classmethod
@@ -131,6 +137,8 @@ class SparseFeaturePyramid(nn.Module):
             up_kernel_size=neck.up_kernel_size,
             up_stride=neck.up_stride,
             up_padding=neck.up_padding,
+            up_kernel_size_l1=neck.up_kernel_size_l1,
+            up_padding_l1=neck.up_padding_l1,
             backend=cfg.sparse_backend,
         )
 
