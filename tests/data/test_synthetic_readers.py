@@ -9,6 +9,7 @@ from spotocc.data import build_dataset, collate
 from spotocc.data.depth import project_points
 from spotocc.data.synthetic import generate, source_image_size
 from spotocc.data.synthetic.sample import make_sample
+from spotocc.data.transforms import denormalize_image
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +56,27 @@ def test_semantickitti_reader_decodes_the_raw_label_and_invalid_files(tmp_path):
     assert np.array_equal(read, expected) and (expected == 255).any() and (expected > 0).any()
 
 
-def test_semantickitti_sample_is_model_ready_and_geometry_matches_the_render(kitti_root):
-    cfg = kitti_root
+@pytest.fixture(scope="module")
+def kitti_native_root(tmp_path_factory):
+    """One validation scene rendered at KITTI's native 370x1226, for synthetic_tiny's 192x640 input."""
+    cfg = get_config("synthetic_tiny")
+    out = tmp_path_factory.mktemp("synth_kitti_native")
+    summary = generate(
+        out, "semantickitti", num_train=0, num_val=1, seed=3, grid=cfg.grid, image_size=(370, 1226)
+    )
+    return apply_overrides(cfg, summary.data_overrides)
+
+
+@pytest.mark.parametrize("root", ["kitti_root", "kitti_native_root"])
+def test_semantickitti_sample_is_model_ready_and_geometry_matches_the_render(root, request):
+    # At the preset's own source size, and at KITTI's native size resized by the reader (the model is
+    # also judged on scenes rendered by other code at 370x1226).
+    cfg = request.getfixturevalue(root)
     dataset = build_dataset(cfg, "val", train=False)
     sample = dataset[0]
-    synth = make_sample(
-        "semantickitti", "val", 0, seed=3, grid=cfg.grid, image_size=source_image_size(cfg.data)
-    )
+    size = source_image_size(cfg.data) if root == "kitti_root" else (370, 1226)
+    synth = make_sample("semantickitti", "val", 0, seed=3, grid=cfg.grid, image_size=size)
+    assert synth.renders[0].depth.shape == size
     h, w = cfg.data.input_size
     assert sample["img"].shape == (1, 3, h, w) and sample["intrins"].shape == (1, 4, 4)
     # a LiDAR hit projected with the reader's geometry lands where the renderer saw the same depth
@@ -72,11 +87,20 @@ def test_semantickitti_sample_is_model_ready_and_geometry_matches_the_render(kit
     uv, depth = uvd[:, :2], uvd[:, 2]
     inside = (depth > 1) & (uv[:, 0] >= 0) & (uv[:, 0] < w - 1) & (uv[:, 1] >= 0) & (uv[:, 1] < h - 1)
     assert inside.sum() > 100
-    u = uv[inside, 0].round().long()
-    v = uv[inside, 1].round().long()
-    rendered = torch.as_tensor(synth.renders[0].depth)[v, u]
+    # network pixel -> source pixel: the inverse of the reader's image augmentation (resize, crop)
+    src = torch.linalg.solve(sample["post_rots"][0, :2, :2], (uv[inside] - sample["post_trans"][0, :2]).T).T
+    src_u, src_v = (
+        src[:, 0].round().long().clamp(0, size[1] - 1),
+        src[:, 1].round().long().clamp(0, size[0] - 1),
+    )
+    rendered = torch.as_tensor(synth.renders[0].depth)[src_v, src_u]
     rel = ((rendered - depth[inside]).abs() / depth[inside]).median()
     assert rel < 0.05
+    # ... and the network image there shows the rendered colour of that source pixel
+    u, v = uv[inside, 0].round().long(), uv[inside, 1].round().long()
+    network_rgb = torch.as_tensor(denormalize_image(sample["img"][0], bgr_input=cfg.data.bgr_input))[v, u]
+    source_rgb = torch.as_tensor(synth.renders[0].image)[src_v, src_u]
+    assert (network_rgb.float() - source_rgb.float()).abs().median() < 12
     batch = collate([dataset[0], dataset[0]])
     assert batch["gt_occ"].shape == (2, *cfg.grid.occ_size)
 
