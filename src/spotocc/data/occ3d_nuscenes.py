@@ -12,7 +12,8 @@ Facts (Tsinghua-MARS-Lab/Occ3D and the CVPR 2023 occupancy challenge READMEs):
 The reader remaps class ids on reading (see :mod:`spotocc.data.classes`): ``gt_occ`` has 0 = free,
 1 = others .. 17 = vegetation, and 255 where ``gt_mask`` ("camera" or "lidar") says the voxel was not
 observed ("none": every voxel labelled). Both masks are in every sample as ``mask_camera`` and
-``mask_lidar`` (bool ``[X, Y, Z]``) for the metrics. Images, augmentation and depth targets are as in
+``mask_lidar`` (bool ``[X, Y, Z]``) for the metrics; ``meta["ray_origins"]`` holds RayIoU's ray
+origins (see :meth:`Occ3DNuScenes.ray_origins`). Images, augmentation and depth targets are as in
 :class:`~spotocc.data.NuScenesOccupancy` (depth_gt files keyed by image name); sample lists in both
 forms are read by :mod:`spotocc.data.occ3d_samples`.
 """
@@ -43,6 +44,7 @@ from spotocc.data.transforms import (
     flip_occupancy,
     sample_bev_flips,
 )
+from spotocc.evaluation.ray_iou import NUSCENES_LIDAR_ORIGIN, lidar_origins_in_ego, select_ray_origins
 
 OCC3D_GRID = ((-40.0, -40.0, -1.0, 40.0, 40.0, 5.4), (200, 200, 16))  # (point_cloud_range, occ_size)
 GT_KEYS = ("semantics", "mask_lidar", "mask_camera")
@@ -139,6 +141,10 @@ class Occ3DNuScenes(Dataset):
         )
         if not self.records:
             raise ValueError(f"{self.sample_list}: the sample list holds no samples for split {split!r}")
+        self.scene_frames: dict[str, list[int]] = {}  # scene name -> its key frames' indices, in order
+        for i, record in enumerate(self.records):
+            if record.scene_name:
+                self.scene_frames.setdefault(record.scene_name, []).append(i)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -163,6 +169,30 @@ class Occ3DNuScenes(Dataset):
                 )
             )
         return views
+
+    def ray_origins(self, index: int, flips: BevFlips | None = None) -> np.ndarray | None:
+        """RayIoU's ray origins of sample ``index``, float64 ``[T, 3]`` metres in its (flipped) grid frame.
+
+        The LiDAR origins of every key frame of its scene, chosen as SparseOcc does
+        (:func:`~spotocc.evaluation.select_ray_origins`: within 39 m in x and y and inside the grid,
+        at most 8). A list without LiDAR calibration (annotations.json) places each frame's LiDAR at
+        :data:`~spotocc.evaluation.ray_iou.NUSCENES_LIDAR_ORIGIN` in its ego frame. None without a
+        scene name or on a grid of non-cubic voxels (RayIoU then casts from the sample's own LiDAR).
+        """
+        record = self.records[index]
+        lo, hi = np.asarray(self.point_cloud_range[:3]), np.asarray(self.point_cloud_range[3:])
+        voxel = (hi - lo) / np.asarray(self.occ_size)
+        if not record.scene_name or not np.allclose(voxel, voxel[0]):
+            return None
+        frames = [self.records[i] for i in self.scene_frames[record.scene_name]]
+        lidar_to_global = np.stack([f.ego_to_global @ _lidar_to_ego(f) for f in frames])  # [N, 4, 4]
+        origins = lidar_origins_in_ego(record.ego_to_global, lidar_to_global)  # [N, 3]
+        origins = select_ray_origins(origins, self.occ_size, tuple(lo), float(voxel[0])).numpy()  # [T, 3]
+        flips = flips or BevFlips()
+        for axis, flipped in enumerate((flips.x, flips.y, flips.z)):
+            if flipped:  # mirrored about the range's centre, like the grid
+                origins[:, axis] = lo[axis] + hi[axis] - origins[:, axis]
+        return origins if len(origins) else None
 
     def labels(self, record: Occ3DRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(gt_occ uint8 in model ids with gt_mask applied, mask_lidar, mask_camera)`` ``[X, Y, Z]``."""
@@ -206,4 +236,15 @@ class Occ3DNuScenes(Dataset):
             "image_paths": paths,
             "bev_flips": (flips.x, flips.y, flips.z),
         }
+        origins = self.ray_origins(index, flips)
+        sample["meta"]["ray_origins"] = None if origins is None else origins.tolist()  # [T, 3] metres
         return sample
+
+
+def _lidar_to_ego(record: Occ3DRecord) -> np.ndarray:
+    """The record's LiDAR -> ego pose, or nuScenes' LIDAR_TOP position where the list has none."""
+    if record.lidar_to_ego is not None:
+        return record.lidar_to_ego
+    pose = np.eye(4)
+    pose[:3, 3] = NUSCENES_LIDAR_ORIGIN
+    return pose
