@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 
 from spotocc.cli import main as cli_main
+from spotocc.config import GridConfig
 from spotocc.data.check import check_nuscenes_occupancy, check_semantic_kitti
+from spotocc.data.synthetic import generate
+from spotocc.data.synthetic.occ3d_format import ROOT
 
 
 def _kitti_args(root, tiny, *extra):
@@ -131,3 +134,34 @@ def test_clean_nuscenes_check_api(tmp_path, tiny):
         cameras=tiny.NUSC_CAMERAS, occ_size=tiny.NUSC_OCC_SIZE,
     )  # fmt: skip
     assert [p.problem for p in report.problems] == ["split train: no depth root given for the depth targets"]
+
+
+def test_occ3d_tree_in_both_list_forms_and_its_broken_files(tmp_path, capsys):
+
+    grid = GridConfig(point_cloud_range=(-40.0, -40.0, -1.0, 40.0, 40.0, 5.4), occ_size=(40, 40, 8))
+    summary = generate(tmp_path, "occ3d-nuscenes", num_train=2, num_val=1, grid=grid, image_size=(18, 32),
+                       lidar_azimuth_steps=64)  # fmt: skip
+    args = ["check-data", "--preset", "synthetic_tiny_occ3d", "--occ-size", "40", "40", "8"]
+    for override in summary.data_overrides:
+        args += ["--set", override]
+    assert cli_main(args) == 0
+    # 2 sample lists, 3 x 6 images, 2 x 6 depth files (train only), 3 labels.npz
+    assert "OK: 35 files checked, 0 problems" in capsys.readouterr().out
+    root = tmp_path / ROOT
+    json_args = [*args, "--val-info", str(root / "annotations.json"), "--split", "val"]
+    assert cli_main(json_args) == 0
+    assert "split val: 1 samples in" in capsys.readouterr().out
+    labels = sorted(root.glob("gts/*/*/labels.npz"))
+    labels[0].write_bytes(labels[0].read_bytes()[:50])  # truncated
+    zeros = np.zeros((40, 40, 8), np.uint8)
+    np.savez(labels[1], semantics=zeros + 18, mask_lidar=zeros, mask_camera=zeros)  # an id beyond free
+    image = sorted(root.glob("samples/CAM_FRONT/*.jpg"))[0]
+    image.unlink()
+    assert cli_main(args) == 1
+    out = capsys.readouterr().out
+    assert f"BAD     {labels[0]}: labels file is not a readable .npz" in out
+    assert f"BAD     {labels[1]}: semantics span 18..18, expected 0..17" in out
+    assert f"MISSING {image}" in out
+    assert "3 problems (1 missing, 2 bad)" in out
+    assert cli_main([*args, "--quick"]) == 1  # the zip directory only: ids are not read
+    assert "2 problems (1 missing, 1 bad)" in capsys.readouterr().out

@@ -1,12 +1,13 @@
 """``spotocc check-data``: report every missing, truncated, wrong-size or unreadable dataset file.
 
-Checks every file of a SemanticKITTI or nuScenes-Occupancy tree the way the readers will read it
+Checks every file of a SemanticKITTI, nuScenes-Occupancy or Occ3D tree the way the readers will read it
 (:mod:`spotocc.data.check`), so the messages are the ones training would stop with, but all of them
 at once::
 
     spotocc check-data --preset spotocc_kitti --set data.root=data/SemanticKITTI
     spotocc check-data --format semantickitti --root data/synthetic_tiny --occ-size 64 64 16
     spotocc check-data --preset spotocc_nusc_256 --split val --quick
+    spotocc check-data --preset spotocc_occ3d --set data.val_info=data/occ3d/annotations.json --split val
 
 The exit code is 1 if any problem was found, 0 otherwise.
 """
@@ -18,7 +19,11 @@ import argparse
 from spotocc.config import Config, apply_overrides, get_config
 from spotocc.data.check import run_checks
 
-DEFAULT_PRESETS = {"semantickitti": "spotocc_kitti", "nuscenes-occupancy": "spotocc_nusc_256"}
+DEFAULT_PRESETS = {
+    "semantickitti": "spotocc_kitti",
+    "nuscenes-occupancy": "spotocc_nusc_256",
+    "occ3d-nuscenes": "spotocc_occ3d",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,10 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--root", help="dataset root (SemanticKITTI: holds dataset/sequences; nuScenes: data root)"
     )
-    parser.add_argument("--occ-root", help="nuScenes-Occupancy GT root")
+    parser.add_argument("--occ-root", help="nuScenes-Occupancy GT root (Occ3D: the gts folder)")
     parser.add_argument("--depth-root", help="nuScenes depth_gt folder")
-    parser.add_argument("--train-info", help="nuScenes train info .pkl")
-    parser.add_argument("--val-info", help="nuScenes val info .pkl")
+    parser.add_argument("--train-info", help="nuScenes train info .pkl (Occ3D: or annotations.json)")
+    parser.add_argument("--val-info", help="nuScenes val info .pkl (Occ3D: or annotations.json)")
     parser.add_argument("--occ-size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="grid size")
     parser.add_argument("--cameras", nargs="+", help="camera folders (KITTI) or names (nuScenes)")
     parser.add_argument(

@@ -1,12 +1,13 @@
 """Check a dataset tree file by file: every missing, truncated, wrong-size or unreadable file at once.
 
-Walks a SemanticKITTI or nuScenes-Occupancy tree the way the readers will read it and checks every
-file with the readers' own loading functions (:mod:`spotocc.data.files` and the two reader modules),
-so the messages are the ones training would stop with. ``spotocc check-data`` is its command.
+Walks a SemanticKITTI, nuScenes-Occupancy or Occ3D-nuScenes tree the way the readers will read it and
+checks every file with the readers' own loading functions (:mod:`spotocc.data.files` and the reader
+modules), so the messages are the ones training would stop with. ``spotocc check-data`` is its command.
 """
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -14,12 +15,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from spotocc.config import Config
 from spotocc.data import nuscenes_occ as nusc
 from spotocc.data import semantic_kitti as kitti
-from spotocc.data.files import DataFileError, MissingFileError, probe_image, read_image
+from spotocc.data.camera_views import depth_path, read_depth_points
+from spotocc.data.files import DataFileError, MissingFileError, probe_image, read_image, require_file
+from spotocc.data.occ3d_nuscenes import GT_KEYS, read_labels
+from spotocc.data.occ3d_samples import Occ3DRecord, load_sample_list
 
-FORMATS = ("nuscenes-occupancy", "semantickitti")
+FORMATS = ("nuscenes-occupancy", "occ3d-nuscenes", "semantickitti")
 
 
 @dataclass
@@ -299,6 +305,92 @@ def check_nuscenes_occupancy(
     return report
 
 
+# --------------------------------------------------------------------------------------------------
+# Occ3D-nuScenes
+
+
+def probe_labels(path: str | Path) -> list[str]:
+    """The arrays of a ``labels.npz`` (the zip directory only), or DataFileError if one is missing."""
+    path = require_file(path, "Occ3D labels file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = list(npz.files)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise DataFileError(path, f"labels file is not a readable .npz: {err!r}") from err
+    missing = [k for k in GT_KEYS if k not in names]
+    if missing:
+        raise DataFileError(path, f"labels file lacks {missing} (has {sorted(names)})")
+    return names
+
+
+def _check_occ3d_sample(
+    record: Occ3DRecord,
+    *,
+    depth_root: Path | None,
+    cameras: Sequence[str],
+    occ_size: Sequence[int],
+    quick: bool,
+) -> Report:
+    report = Report()
+    for camera in cameras:
+        cam = record.cameras[camera]
+        report.check(cam.image_path, _image_checker(quick), cam.image_path)
+        if depth_root is not None:
+            depth = depth_path(depth_root, cam.data_path)
+            report.check(depth, read_depth_points, depth)
+    if quick:
+        report.check(record.gt_path, probe_labels, record.gt_path)
+    else:
+        report.check(record.gt_path, read_labels, record.gt_path, occ_size)
+    return report
+
+
+def check_occ3d_nuscenes(
+    data_root: str | Path,
+    sample_lists: dict[str, str | Path],
+    *,
+    gts_root: str | Path | None = None,
+    depth_root: str | Path | None = None,
+    train_splits: Sequence[str] = ("train",),
+    cameras: Sequence[str] = nusc.CAMERAS,
+    occ_size: Sequence[int] = (200, 200, 16),
+    quick: bool = False,
+    workers: int = 4,
+) -> Report:
+    """Check sample lists (``split -> annotations.json or info .pkl``) and every image, labels.npz and
+    (train) depth file they name. An annotations.json is read for the split's ``<split>_split``."""
+    report = Report()
+    tasks: list[Callable[[], Report]] = []
+    for split, sample_list in sample_lists.items():
+        sample_list = Path(sample_list)
+        records = report.check(
+            f"{sample_list}#{split}", load_sample_list, sample_list, split,
+            data_root=data_root, gts_root=gts_root, cameras=cameras,
+        )  # fmt: skip
+        if records is None:
+            continue
+        split_depth = Path(depth_root) if (depth_root is not None and split in train_splits) else None
+        if split in train_splits and depth_root is None:
+            report.problems.append(
+                Problem(str(sample_list), f"split {split}: no depth root given for the depth targets")
+            )
+        for record in records:
+            tasks.append(
+                partial(
+                    _check_occ3d_sample,
+                    record,
+                    depth_root=split_depth,
+                    cameras=cameras,
+                    occ_size=occ_size,
+                    quick=quick,
+                )  # fmt: skip
+            )
+        report.notes.append(f"split {split}: {len(records)} samples in {sample_list}")
+    for sub in _run_parallel(tasks, workers):
+        report.merge(sub)
+    return report
+
+
 def run_checks(
     cfg: Config, splits: Sequence[str] | None = None, *, quick: bool = False, workers: int = 4
 ) -> Report:
@@ -319,5 +411,15 @@ def run_checks(
             data.root, data.occ_root, {s: known[s] for s in splits}, depth_root=data.depth_root,
             train_splits=(data.train_split,), cameras=data.cameras, occ_size=cfg.grid.occ_size,
             num_classes=cfg.model.head.num_classes, quick=quick, workers=workers,
+        )  # fmt: skip
+    if data.format == "occ3d-nuscenes":
+        known = {"train": data.train_info, "val": data.val_info}
+        unknown = [s for s in splits if s not in known]
+        if unknown:
+            raise ValueError(f"unknown Occ3D split(s) {unknown}; expected 'train' and/or 'val'")
+        return check_occ3d_nuscenes(
+            data.root, {s: known[s] for s in splits}, gts_root=data.occ_root or None,
+            depth_root=data.depth_root, train_splits=(data.train_split,), cameras=data.cameras,
+            occ_size=cfg.grid.occ_size, quick=quick, workers=workers,
         )  # fmt: skip
     raise ValueError(f"unknown data.format {data.format!r}; expected one of {list(FORMATS)}")
