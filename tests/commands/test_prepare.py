@@ -1,19 +1,21 @@
-"""``spotocc prepare nuscenes`` against a fake of the small devkit surface it uses.
+"""``spotocc prepare nuscenes`` / ``occ3d`` against a fake of the small devkit surface it uses.
 
 The fake replaces the modules ``nuscenes.nuscenes`` and ``nuscenes.utils.splits`` in ``sys.modules``,
 so the tool's real import statements and calls run unchanged (and the test does not need the devkit).
 """
 
+import pickle
 import sys
 import types
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy.spatial.transform import Rotation
 
 from spotocc.cli import main as cli_main
-from spotocc.data import NuScenesOccupancy
+from spotocc.data import NuScenesOccupancy, Occ3DNuScenes
 from spotocc.data.nuscenes_infos import CAMERAS, quaternion_matrix
 from spotocc.data.nuscenes_occ import load_infos
 
@@ -211,3 +213,39 @@ def test_missing_devkit_gives_a_clear_error(tmp_path, monkeypatch, capsys):
         cli_main(["prepare", "nuscenes", "--data-root", str(tmp_path / "nope"), "--out-dir", str(tmp_path)])
         == 2
     )
+
+
+def test_prepare_occ3d_writes_bevdet_infos_the_occ3d_reader_loads(tmp_path, fake_devkit):
+    root = tmp_path / "nuscenes"
+    _touch_lidar(root, ("sc0", "sc1", "sc2"))
+    args = ["prepare", "occ3d", "--data-root", str(root), "--version", "v1.0-mini", "--out-dir", str(root)]
+    assert cli_main(args) == 0
+    infos = pickle.loads((root / "bevdetv2-nuscenes_infos_train.pkl").read_bytes())["infos"]
+    assert [i["occ_path"] for i in infos] == [f"./data/nuscenes/gts/scene-0001/s0_{i}" for i in range(2)]
+    for info in infos:  # images and labels where the infos say
+        for cam in info["cams"].values():
+            path = root / cam["data_path"][len("./data/nuscenes/") :]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.zeros((18, 32, 3), np.uint8)).save(path, format="JPEG")
+        gt = root / "gts" / info["scene_name"] / info["token"]
+        gt.mkdir(parents=True)
+        zeros = np.zeros((8, 8, 4), np.uint8)
+        np.savez(gt / "labels.npz", semantics=zeros + 17, mask_lidar=zeros + 1, mask_camera=zeros)
+    ds = Occ3DNuScenes(
+        root, root / "bevdetv2-nuscenes_infos_train.pkl", input_size=(32, 64), occ_size=(8, 8, 4)
+    )
+    sample = ds[1]
+    assert sample["meta"]["sample_id"] == "s0_1" and not sample["gt_occ"].any() and sample["mask_lidar"].all()
+    # camera -> ego at the LiDAR's timestamp: the camera's chain to global equals the LiDAR ego's chain
+    nusc = fake_devkit.instances[0]
+    info = infos[1]
+    ego_to_global = _matrix(info["ego2global_rotation"], info["ego2global_translation"])
+    cam = info["cams"]["CAM_FRONT_LEFT"]
+    global_from_cam = _matrix(cam["ego2global_rotation"], cam["ego2global_translation"]) @ _matrix(
+        cam["sensor2ego_rotation"], cam["sensor2ego_translation"]
+    )
+    cam_to_ego = torch.eye(4, dtype=torch.float64)
+    cam_to_ego[:3, :3], cam_to_ego[:3, 3] = sample["rots"][0].double(), sample["trans"][0].double()
+    p_cam = np.array([1.5, -0.7, 12.0, 1.0])
+    assert np.allclose(global_from_cam @ p_cam, ego_to_global @ cam_to_ego.numpy() @ p_cam, atol=1e-4)
+    assert nusc.version == "v1.0-mini"

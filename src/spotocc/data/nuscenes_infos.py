@@ -1,5 +1,10 @@
 """nuScenes-Occupancy info files, written with nuscenes-devkit (``spotocc prepare nuscenes``).
 
+``spotocc prepare occ3d`` writes the same infos as ``bevdetv2-nuscenes_infos_<split>.pkl`` with
+BEVDet's ``occ_path`` per sample: :class:`spotocc.data.Occ3DNuScenes` reads them (it needs
+``token``, ``timestamp``, ``scene_name``, the LiDAR's ``ego2global_*`` / ``lidar2ego_*`` and each
+camera's ``data_path``, ``cam_intrinsic``, ``sensor2ego_*`` and ``ego2global_*``).
+
 :func:`create_nuscenes_infos` writes ``<out-dir>/nuscenes_occ_infos_train.pkl`` and
 ``..._val.pkl`` (``..._test.pkl`` for ``v1.0-test``): ``{"infos": [...], "metadata": {"version":
 ...}}`` with, per key frame, the fields of OpenOccupancy's released infos that
@@ -157,9 +162,18 @@ def _available_scene_tokens(nusc: Any) -> tuple[dict[str, str], list[str]]:
 
 
 def create_nuscenes_infos(
-    data_root: str | Path, version: str, out_dir: str | Path, prefix: str = "nuscenes_occ"
+    data_root: str | Path,
+    version: str,
+    out_dir: str | Path,
+    prefix: str = "nuscenes_occ",
+    *,
+    occ3d_paths: bool = False,
 ) -> dict[str, Path]:
-    """Write ``<out_dir>/<prefix>_infos_<split>.pkl`` per split; returns split -> path."""
+    """Write ``<out_dir>/<prefix>_infos_<split>.pkl`` per split; returns split -> path.
+
+    ``occ3d_paths``: also give every sample BEVDet's ``occ_path``, ``./data/nuscenes/gts/<scene
+    name>/<token>`` (the Occ3D-nuScenes ground truth folder), as ``spotocc prepare occ3d`` does.
+    """
     if version not in VERSIONS:
         raise ValueError(f"unknown nuScenes version {version!r}; expected one of {VERSIONS}")
     data_root = Path(data_root)
@@ -182,7 +196,10 @@ def create_nuscenes_infos(
     for sample in nusc.sample:
         split = split_of_scene.get(sample["scene_token"])
         if split is not None:
-            infos[split].append(sample_info(nusc, sample, frame_idx))
+            info = sample_info(nusc, sample, frame_idx)
+            if occ3d_paths:
+                info["occ_path"] = f"{PATH_PREFIX}gts/{info['scene_name']}/{info['token']}"
+            infos[split].append(info)
         # Running index within a scene (as released: reset after a scene's last sample).
         frame_idx = 0 if sample["next"] == "" else frame_idx + 1
     out_dir = Path(out_dir)
