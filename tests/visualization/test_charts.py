@@ -101,3 +101,17 @@ def test_comparison_chart_groups_two_runs():
 def test_default_labels():
     assert default_labels(["a/spot.json", "b/base.json"]) == ["spot", "base"]
     assert default_labels(["spot/eval.json", "base/eval.json"]) == ["spot", "base"]
+
+
+def test_occ3d_files_chart_the_camera_mask_ious():
+    metrics = {"mIoU": 30.0, "IoU": 60.0, "RayIoU": 25.0, "others_IoU": 10.0, "car_IoU": 40.0}
+    metrics.update({"bus_IoU": None, "unmasked_car_IoU": 1.0, "car_RayIoU@1": 2.0})  # null; not charted
+    result = read_eval_metrics({"metrics": metrics})  # told apart by its plain keys
+    assert (
+        result.class_set == "occ3d" and result.class_names[0] == "others" and result.class_names[4] == "car"
+    )
+    assert result.class_iou[0] == 10.0 and result.class_iou[4] == 40.0 and math.isnan(result.class_iou[3])
+    assert (result.miou, result.sc_iou, result.ray_iou) == (30.0, 60.0, 25.0)
+    fig = class_iou_chart(result)
+    assert "RayIoU 25.00" in fig.axes[0].get_title() and len(fig.axes[0].patches) == 17
+    assert read_eval_metrics({"class_set": "occ3d", "metrics": {"car_IoU": 4.0}}).miou == 4.0

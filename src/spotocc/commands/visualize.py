@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     chart = modes.add_parser("chart", help="per-class IoU bars of one eval JSON, or a comparison of several")
     chart.add_argument("eval_json", nargs="+", help="eval JSON file(s) from `spotocc eval --json`")
     chart.add_argument("--labels", nargs="+", help="run names (default: the file names)")
-    chart.add_argument("--class-set", choices=("semantickitti", "nuscenes"), help="if the files do not say")
+    chart.add_argument(
+        "--class-set", choices=("semantickitti", "nuscenes", "occ3d"), help="if the files do not say"
+    )
     chart.add_argument("--title", help="chart title")
     chart.add_argument("--out", required=True, help="output PNG")
 

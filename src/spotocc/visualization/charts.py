@@ -6,6 +6,10 @@ released prefixed copies (``semkitti_SSC_mIoU``, ``nuScenes_SSC_car_IoU``), opti
 else the ``class_set`` argument, else the class set whose names match the most keys. Class 0
 (empty) is never charted: the mIoU is over classes 1..C-1. Values are percentages.
 
+An Occ3D-nuScenes file (its ``"class_set"`` is ``occ3d``, or it has the plain keys ``mIoU`` /
+``RayIoU`` and no SSC keys) is charted from its camera-mask keys: ``<class>_IoU`` of the 17 non-free
+classes, ``mIoU``, ``IoU`` (occupied vs free) and ``RayIoU`` in the title. Null values count as missing.
+
 Charts are drawn with matplotlib's Agg canvas directly (no pyplot, no display).
 """
 
@@ -42,6 +46,7 @@ class EvalResult:
     sc_iou: float | None
     class_set: str | None
     source: str
+    ray_iou: float | None = None  # Occ3D: the file's RayIoU (mean over 1, 2, 4 m)
 
     @property
     def miou_from_file(self) -> bool:
@@ -120,6 +125,8 @@ def read_eval_metrics(
 ) -> EvalResult:
     """:class:`EvalResult` from an already loaded eval dictionary."""
     values = _flat_numbers(data)
+    if _is_occ3d(data, values, class_set):
+        return _read_occ3d(values, source)
     names, resolved_set = _resolve_names(data, values, class_set, source)
     charted = names[1:]  # class 0 (empty) is not in the mIoU
     ious = [_lookup(values, _CLASS_KEY, source, f"SSC_{n}_IoU", name=n) for n in charted]
@@ -133,6 +140,38 @@ def read_eval_metrics(
         miou = float(np.nanmean(class_iou))
     sc_iou = _lookup(values, _SC_IOU_KEY, source, "SC_IoU")
     return EvalResult(tuple(charted), class_iou, float(miou), sc_iou, resolved_set, source)
+
+
+def _is_occ3d(data: Mapping[str, Any], values: Mapping[str, float], class_set: str | None) -> bool:
+    if "occ3d" in (class_set, data.get("class_set")) or data.get("benchmark") == "occ3d-nuscenes":
+        return True
+    ssc = any(_CLASS_KEY.fullmatch(k) or _MIOU_KEY.fullmatch(k) for k in values)
+    return not ssc and ("mIoU" in values or "RayIoU" in values)
+
+
+def _read_occ3d(values: Mapping[str, float], source: str) -> EvalResult:
+    charted = class_names("occ3d")[1:]  # the 17 non-free classes, Occ3D ids 0..16
+    ious = [values.get(f"{name}_IoU") for name in charted]
+    if all(v is None for v in ious):
+        raise ValueError(
+            f"{source}: no per-class Occ3D IoU keys (<class>_IoU) for {', '.join(charted[:4])}, ..."
+        )
+    class_iou = tuple(float("nan") if v is None else v for v in ious)
+    miou = values.get("mIoU")
+    if miou is None:
+        miou = float(np.nanmean(class_iou))
+    return EvalResult(
+        charted, class_iou, float(miou), values.get("IoU"), "occ3d", source, values.get("RayIoU")
+    )
+
+
+def _headline(result: EvalResult) -> str:
+    if result.class_set == "occ3d":
+        parts = [f"mIoU {result.miou:.2f}"]
+        parts += [] if result.sc_iou is None else [f"IoU {result.sc_iou:.2f}"]
+        parts += [] if result.ray_iou is None else [f"RayIoU {result.ray_iou:.2f}"]
+        return " · ".join(parts)
+    return f"mIoU {result.miou:.2f}" + ("" if result.sc_iou is None else f" · SC IoU {result.sc_iou:.2f}")
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -157,7 +196,7 @@ def class_iou_chart(result: EvalResult, *, title: str | None = None) -> Figure:
     ax.axhline(result.miou, color="#444444", linestyle="--", linewidth=1, label=f"mIoU {result.miou:.2f}")
     ax.legend(loc="upper right", fontsize=9)
     _headroom(ax, values)
-    headline = f"mIoU {result.miou:.2f}" + ("" if result.sc_iou is None else f" · SC IoU {result.sc_iou:.2f}")
+    headline = _headline(result)
     ax.set_title(f"{title} — {headline}" if title else headline)
     fig.tight_layout()
     return fig

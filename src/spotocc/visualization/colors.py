@@ -5,6 +5,8 @@
   in ``learning_map_inv``. Converted to RGB here.
 * nuScenes-Occupancy: the palette the OpenOccupancy / SurroundOcc visualisations use for its 17
   classes (RGB).
+* Occ3D-nuScenes (model order, free first): ``others`` in black, the other 16 classes in their
+  nuScenes-Occupancy colours.
 
 Class 0 (empty) is never drawn; voxels labelled 255 (ignore) are drawn only on request, in
 :data:`IGNORE_COLOR`.
@@ -76,11 +78,15 @@ IGNORE_COLOR = np.array((200, 200, 200), dtype=np.uint8)  # voxels labelled 255,
 EGO_COLOR = np.array((45, 45, 45), dtype=np.uint8)  # the ego-vehicle marker
 BACKGROUND = np.array((255, 255, 255), dtype=np.uint8)
 
-_PALETTES = {"semantickitti": SEMANTIC_KITTI_COLORS, "nuscenes": NUSCENES_OCC_COLORS}
+OCC3D_COLORS = np.concatenate([NUSCENES_OCC_COLORS[:1], [(0, 0, 0)], NUSCENES_OCC_COLORS[1:]]).astype(
+    np.uint8
+)  # [18, 3] RGB: free (never drawn), others, barrier .. vegetation
+
+_PALETTES = {"semantickitti": SEMANTIC_KITTI_COLORS, "nuscenes": NUSCENES_OCC_COLORS, "occ3d": OCC3D_COLORS}
 
 
 def class_names(name: str) -> tuple[str, ...]:
-    """Class names of a class set (``"semantickitti"`` or ``"nuscenes"``), index = label id."""
+    """Class names of a class set (``"semantickitti"``, ``"nuscenes"`` or ``"occ3d"``), index = label id."""
     return class_set(name)[0]
 
 
