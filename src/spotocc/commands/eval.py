@@ -1,4 +1,4 @@
-"""``spotocc eval CHECKPOINT``: SSC metrics of a checkpoint, or of saved predictions.
+"""``spotocc eval CHECKPOINT``: SSC or Occ3D metrics of a checkpoint, or of saved predictions.
 
 Examples::
 
@@ -8,13 +8,17 @@ Examples::
     spotocc eval spotocc_kitti --predictions preds/ --data /data/SemanticKITTI  # a preset instead
 
 The per-class table is printed; ``--json`` writes the metrics with the released key names
-(``semkitti_SSC_mIoU``, ``nuScenes_SC_IoU``, ...).
+(``semkitti_SSC_mIoU``, ``nuScenes_SC_IoU``, ...). An Occ3D-nuScenes config is scored with the
+Occ3D metrics instead, under the keys the field prints: ``mIoU``, ``IoU`` and ``<class>_IoU``
+(camera mask), ``unmasked_*``, ``RayIoU`` and ``RayIoU@1`` / ``@2`` / ``@4``. NaN (a class in
+neither GT nor prediction) is written as null, so the file is strict JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from spotocc.commands.convert_checkpoint import add_pickle_arguments
@@ -47,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="samples per process (eval.batch_size)")
     parser.add_argument("--num-workers", type=int, help="data-loader workers (data.num_workers)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bar")
+    parser.add_argument(
+        "--ray-iou",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Occ3D configs: also compute RayIoU (the slow part; default on)",
+    )
 
 
 def main(
@@ -63,7 +73,9 @@ def main(
         evaluate_predictions,
         load_model_from_checkpoint,
     )
+    from spotocc.engine.scoring import uses_occ3d
     from spotocc.evaluation import format_ssc_table, metric_prefix, with_prefix
+    from spotocc.evaluation.occ3d_eval import format_occ3d_table
 
     owns_group = not dist_utils.is_distributed()
     info = dist_utils.init_distributed(args.device)
@@ -85,7 +97,9 @@ def main(
         split = args.split or cfg.data.val_split
         dataset = dataset_factory(cfg, split, train=False)
         if args.predictions is not None:
-            result = evaluate_predictions(args.predictions, dataset, cfg, show_progress=args.progress)
+            result = evaluate_predictions(
+                args.predictions, dataset, cfg, show_progress=args.progress, ray_iou=args.ray_iou
+            )
         else:
             assert model is not None
             result = evaluate(
@@ -96,30 +110,42 @@ def main(
                 amp=args.amp,
                 predictions_dir=args.save_predictions,
                 show_progress=args.progress,
+                ray_iou=args.ray_iou,
             )
         if info.is_main:
-            names = class_set(cfg.data.class_set)[0]
             source = args.predictions if args.predictions is not None else args.checkpoint
             print(f"{cfg.name}: split {split!r}, {result.num_samples} samples scored, from {source}")
-            print(format_ssc_table({"IoU (%)": result.metrics}, names))
-            quirk = "released (ignored voxels count as hits)" if cfg.eval.class0_quirk else "plain"
-            print(
-                f"class-0 IoU: {quirk} (eval.class0_quirk={cfg.eval.class0_quirk}); mIoU leaves class 0 out"
-            )
+            if uses_occ3d(cfg):
+                print(format_occ3d_table(result.metrics))
+                metrics, extra = result.metrics, {"benchmark": "occ3d-nuscenes", "class_set": "occ3d"}
+            else:
+                print(format_ssc_table({"IoU (%)": result.metrics}, class_set(cfg.data.class_set)[0]))
+                quirk = "released (ignored voxels count as hits)" if cfg.eval.class0_quirk else "plain"
+                print(
+                    f"class-0 IoU: {quirk} (eval.class0_quirk={cfg.eval.class0_quirk}); "
+                    "mIoU leaves class 0 out"
+                )
+                metrics = with_prefix(result.metrics, metric_prefix(cfg.data.class_set))
+                extra = {"class0_quirk": cfg.eval.class0_quirk}
             if args.json:
                 out = {
-                    "metrics": with_prefix(result.metrics, metric_prefix(cfg.data.class_set)),
+                    "metrics": {key: _finite_or_none(value) for key, value in metrics.items()},
                     "num_samples": result.num_samples,
                     "split": split,
                     "source": str(source),
                     "config": cfg.name,
-                    "class0_quirk": cfg.eval.class0_quirk,
+                    **extra,
                 }
-                write_text_atomic(args.json, json.dumps(out, indent=2) + "\n")
+                write_text_atomic(args.json, json.dumps(out, indent=2, allow_nan=False) + "\n")
         return 0
     finally:
         if owns_group:
             dist_utils.teardown_distributed()
+
+
+def _finite_or_none(value: float) -> float | None:
+    """NaN / infinity -> None (JSON null): strict JSON has no NaN."""
+    return value if math.isfinite(value) else None
 
 
 def apply_data_arguments(cfg: Config, args: argparse.Namespace) -> None:

@@ -1,5 +1,8 @@
 """Evaluation and prediction loops, single-process or distributed, and loading a model from a checkpoint.
 
+What is scored follows the config (:mod:`spotocc.engine.scoring`): the SSC metrics, or for Occ3D
+configs camera-mask mIoU, its unmasked variant and RayIoU.
+
 Under torchrun every rank runs the model on one contiguous slice of the dataset (no padding, so each
 sample is counted exactly once, whatever the dataset length), then the raw metric counts are summed
 across ranks before the metrics are computed once. Predictions are written as one compressed
@@ -25,9 +28,8 @@ from spotocc.config import Config
 from spotocc.engine import distributed as dist_utils
 from spotocc.engine.atomic import atomic_output
 from spotocc.engine.sampling import ContiguousShards
+from spotocc.engine.scoring import SSCScorer, build_scorer, evaluation_config, scored_ground_truth
 from spotocc.evaluation import SSCMetrics
-from spotocc.evaluation.field_of_view import ignore_outside_camera_view
-from spotocc.models.occupancy import CAMERA_KEYS
 
 __all__ = [
     "EvalResult",
@@ -43,6 +45,7 @@ __all__ = [
     "move_to_device",
     "prediction_path",
     "read_prediction",
+    "scored_ground_truth",
     "write_prediction",
 ]
 
@@ -57,8 +60,11 @@ def default_model_factory(cfg: Config) -> nn.Module:
 
 
 def default_dataset_factory(cfg: Config, split: str, *, train: bool | None = None) -> Dataset:
+    """``build_dataset``; a set read without training transforms gets :func:`evaluation_config`."""
     from spotocc.data import build_dataset
 
+    if not (split == cfg.data.train_split if train is None else train):
+        cfg = evaluation_config(cfg)
     return build_dataset(cfg, split, train=train)
 
 
@@ -84,15 +90,6 @@ def build_metrics(cfg: Config) -> SSCMetrics:
 
     names, _ = class_set(cfg.data.class_set)
     return SSCMetrics(names, class0_quirk=cfg.eval.class0_quirk)
-
-
-def scored_ground_truth(batch: dict[str, Any], cfg: Config) -> torch.Tensor:
-    """The batch's ``gt_occ`` [B, X, Y, Z] as scored: with ``eval.camera_view_only``, every voxel outside
-    all cameras' views is ignored (255)."""
-    if not cfg.eval.camera_view_only:
-        return batch["gt_occ"]
-    cams = [batch[key] for key in CAMERA_KEYS]
-    return ignore_outside_camera_view(batch["gt_occ"], cams, cfg.grid, tuple(cfg.data.input_size))
 
 
 def autocast_context(device: torch.device, amp: str):
@@ -188,7 +185,7 @@ def _progress(total: int, desc: str, show: bool | None):
     return tqdm(total=total, desc=desc, disable=not (show and dist_utils.is_main_process()), leave=False)
 
 
-def _gather(metrics: SSCMetrics, scored_ids: list[str], num_predicted: int) -> EvalResult:
+def _gather(metrics: SSCScorer, scored_ids: list[str], num_predicted: int) -> EvalResult:
     """Sum the counts over ranks and compute the metrics once (same result on every rank)."""
     flat = torch.cat([metrics.counts_tensor(), torch.tensor([len(scored_ids), num_predicted])])
     if dist_utils.is_distributed():
@@ -224,12 +221,13 @@ def evaluate(
     predictions_dir: str | os.PathLike | None = None,
     collate_fn: Callable | None = None,
     show_progress: bool | None = None,
+    ray_iou: bool = True,
 ) -> EvalResult:
     """Run ``model.predict`` over ``dataset`` (this rank's slice), score samples that have ``gt_occ``.
 
     With ``predictions_dir`` every prediction is also written to ``<dir>/<sample_id>.npz``. The model
     is put in eval mode (the caller restores training mode). Collective under torchrun: every rank
-    must call it.
+    must call it. ``ray_iou=False`` leaves RayIoU out of an Occ3D evaluation (it is the slow part).
     """
     collate_fn = collate_fn or _default_collate()
     loader = _shard_loader(
@@ -239,7 +237,7 @@ def evaluate(
         collate_fn,
         pin_memory=device.type == "cuda",
     )
-    metrics = build_metrics(cfg)
+    metrics = build_scorer(cfg, ray_iou=ray_iou)
     scored: list[str] = []
     num_predicted = 0
     model.eval()
@@ -259,7 +257,7 @@ def evaluate(
                 for sample_id, sample_labels in zip(ids, labels.cpu()):
                     write_prediction(predictions_dir, sample_id, sample_labels)
             if "gt_occ" in batch:
-                metrics.update(labels, scored_ground_truth(batch, cfg))
+                metrics.update(labels, batch)
                 scored.extend(ids)
             bar.update(1)
     return _gather(metrics, scored, num_predicted)
@@ -273,13 +271,14 @@ def evaluate_predictions(
     num_workers: int | None = None,
     collate_fn: Callable | None = None,
     show_progress: bool | None = None,
+    ray_iou: bool = True,
 ) -> EvalResult:
-    """Score saved ``<sample_id>.npz`` predictions against the dataset's ground truth (no model)."""
+    """Score saved ``<sample_id>.npz`` predictions (the model's ids) against the dataset's ground truth."""
     collate_fn = collate_fn or _default_collate()
     loader = _shard_loader(
         dataset, 1, cfg.data.num_workers if num_workers is None else num_workers, collate_fn
     )
-    metrics = build_metrics(cfg)
+    metrics = build_scorer(cfg, ray_iou=ray_iou)
     scored: list[str] = []
     num_read = 0
     with _progress(len(loader), "eval", show_progress) as bar:
@@ -288,14 +287,14 @@ def evaluate_predictions(
                 sample_id = str(meta["sample_id"])
                 if "gt_occ" not in batch:
                     raise ValueError(f"sample {sample_id!r} has no ground truth (gt_occ): nothing to score")
-                gt = scored_ground_truth(batch, cfg)[i]
+                gt = batch["gt_occ"][i]
                 pred = read_prediction(predictions_dir, sample_id)
                 if tuple(pred.shape) != tuple(gt.shape):
                     raise ValueError(
                         f"prediction {prediction_path(predictions_dir, sample_id)} has shape {pred.shape}, "
                         f"ground truth has {tuple(gt.shape)}"
                     )
-                metrics.update(pred, gt)
+                metrics.update(pred, batch, i)
                 scored.append(sample_id)
                 num_read += 1
             bar.update(1)

@@ -71,7 +71,9 @@ from spotocc.engine.evaluator import (
 from spotocc.engine.metrics_log import MetricsLog
 from spotocc.engine.optim import build_lr_scheduler, build_optimizer, clip_gradients
 from spotocc.engine.sampling import ResumableDistributedSampler, SeededSamples
+from spotocc.engine.scoring import uses_occ3d
 from spotocc.evaluation import format_ssc_table, metric_prefix, with_prefix
+from spotocc.evaluation.occ3d_eval import format_occ3d_table
 
 __all__ = ["TrainResult", "total_loss", "train"]
 
@@ -437,10 +439,15 @@ def _end_of_epoch(run: _Run) -> None:
 
 
 def _validate(run: _Run) -> bool:
-    """Evaluate on the validation split, log the metrics; True when the SSC mIoU is a new best."""
+    """Evaluate on the validation split, log the metrics; True when the mIoU is a new best.
+
+    The mIoU is the SSC mIoU, or for Occ3D configs the camera-mask mIoU (RayIoU, the slow part, is
+    left to ``spotocc eval``).
+    """
     cfg, progress = run.cfg, run.progress
     if run.val_set is None:
         run.val_set = run.dataset_factory(cfg, cfg.data.val_split, train=False)
+    occ3d = uses_occ3d(cfg)
     result = evaluate(
         run.model,
         run.val_set,
@@ -449,22 +456,29 @@ def _validate(run: _Run) -> bool:
         amp=cfg.train.amp,
         collate_fn=run.collate_fn,
         show_progress=run.show_progress,
+        ray_iou=False,
     )
     run.model.train()
-    miou = result.metrics["SSC_mIoU"]
+    miou = result.metrics["mIoU" if occ3d else "SSC_mIoU"]
     improved = progress.best_miou is None or miou > progress.best_miou
     if improved:
         progress.best_miou, progress.best_step = miou, progress.global_step
-    prefixed = with_prefix(result.metrics, metric_prefix(cfg.data.class_set))
+    prefixed = result.metrics if occ3d else with_prefix(result.metrics, metric_prefix(cfg.data.class_set))
     run.metrics_log.log({"type": "val", "step": progress.global_step, "epoch": progress.epoch, **prefixed})
     from spotocc.data.classes import class_set
 
+    table = (
+        format_occ3d_table(result.metrics)
+        if occ3d
+        else format_ssc_table({f"epoch {progress.epoch}": result.metrics}, class_set(cfg.data.class_set)[0])
+    )
     log.info(
-        "epoch %d validation on %d samples (best SSC mIoU %.2f):\n%s",
+        "epoch %d validation on %d samples (best %smIoU %.2f):\n%s",
         progress.epoch,
         result.num_samples,
+        "" if occ3d else "SSC ",
         progress.best_miou,
-        format_ssc_table({f"epoch {progress.epoch}": result.metrics}, class_set(cfg.data.class_set)[0]),
+        table,
     )
     return improved
 
