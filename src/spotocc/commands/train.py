@@ -46,6 +46,7 @@ def main(
     model_factory: ModelFactory | None = None,
     dataset_factory: DatasetFactory | None = None,
 ) -> int:
+    from spotocc.engine.scoring import uses_occ3d
     from spotocc.engine.trainer import train
 
     overrides = list(args.overrides)
@@ -75,5 +76,6 @@ def main(
         show_progress=args.progress,
     )
     best = "n/a" if result.best_miou is None else f"{result.best_miou:.2f}"
-    print(f"done: {result.global_step} iterations, {result.epochs_completed} epochs, best SSC mIoU {best}")
+    metric = "camera-mask mIoU" if uses_occ3d(cfg) else "SSC mIoU"
+    print(f"done: {result.global_step} iterations, {result.epochs_completed} epochs, best {metric} {best}")
     return 0

@@ -20,7 +20,7 @@ Resume after an interruption (a crash, a kill, even during a checkpoint save)::
 What a step does (mmdet/mmcv semantics of the released runs): sum every model output whose key
 contains ``"loss"``, backward (scaled by a GradScaler under fp16 autocast), clip the global gradient
 norm to ``train.grad_clip``, AdamW step. After each epoch: the step schedule, evaluation every
-``train.eval_interval`` epochs (the best SSC mIoU keeps the ``best`` checkpoint), and a checkpoint
+``train.eval_interval`` epochs (the best SSC mIoU, Occ3D: camera-mask mIoU, keeps ``best``), and a checkpoint
 every ``train.checkpoint_interval`` epochs (also every ``train.checkpoint_iter_interval`` iterations
 if set). Resuming is exact: the checkpoint holds the model, optimizer, schedule, scaler, counters,
 every rank's RNG states and the position in the epoch's sample order, and each sample's

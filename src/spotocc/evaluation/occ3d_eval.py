@@ -142,7 +142,7 @@ def format_occ3d_table(
     lines.append("-" * len(lines[0]))
     ray = metrics.get("RayIoU")
     if ray is None:
-        lines.append("RayIoU: not computed (it needs cubic voxels)")
+        lines.append("RayIoU: not computed (skipped, or the grid's voxels are not cubic)")
     else:
         origins = metrics.get("ray_origins_per_sample", 0.0)
         single = int(metrics.get("ray_samples_single_origin", 0))
