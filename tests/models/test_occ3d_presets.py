@@ -28,14 +28,14 @@ def test_parameters_match_the_nuscenes_preset_but_classes_and_neck_upsampling(oc
     differ = {name for name in a if a[name] != b[name]}
     neck = {name for name in differ if name.startswith("voxel_neck.up_sample.")}
     assert neck == {"voxel_neck.up_sample.0.0.weight", "voxel_neck.up_sample.1.0.weight"}
-    assert a["voxel_neck.up_sample.0.0.weight"] == C * C * 3 * 3 * 2  # (3,3,2) instead of (2,2,3)
-    assert a["voxel_neck.up_sample.1.0.weight"] == C * C * 2 * 2 * 2
+    assert a["voxel_neck.up_sample.0.0.weight"] == C * C * 3 * 3 * 3  # instead of (2,2,3)
+    assert a["voxel_neck.up_sample.1.0.weight"] == C * C * 3 * 3 * 2
     assert all(name.startswith("head.") for name in differ - neck)
     # every head difference is one class more: 18 instead of 17 (a row or a column of a class layer)
     for name in differ - neck:
         assert 0 < a[name] - b[name] <= C + 1, name
     cfg = get_config(occ3d)
-    assert cfg.grid.occ_size == (200, 200, 16) and cfg.grid.lss_size == (100, 100, 8)
+    assert cfg.grid.occ_size == (200, 200, 16) and cfg.grid.lss_size == (50, 50, 4)
     assert cfg.model.head.num_classes == len(class_set(cfg.data.class_set)[0]) == 18
     assert OCC3D_CLASSES[0] == "free" and cfg.data.format == "occ3d-nuscenes"
     assert cfg.data.cameras == get_config(nusc).data.cameras and cfg.data.input_size == (256, 704)

@@ -54,8 +54,8 @@ class SparseFeaturePyramid(nn.Module):
 
     ``up_kernel_size`` / ``up_stride`` / ``up_padding`` configure both transposed convs; they must map
     L3's grid onto L2's and L2's onto L1's (nuScenes Z 2 -> 3 -> 5 needs (2,2,3)/(2,2,2)/(0,0,1)).
-    ``up_kernel_size_l1`` / ``up_padding_l1`` give the L2 -> L1 conv its own (Occ3D's 100 x 100 x 8
-    LSS grid: 13 -> 25 -> 50 in x and y needs kernel 3, padding 1, then kernel 2, padding 0).
+    ``up_kernel_size_l1`` / ``up_padding_l1`` give the L2 -> L1 conv its own (Occ3D's 50 x 50 x 4
+    LSS grid: 1 -> 1 -> 2 in z needs kernel 3, padding 1, then kernel 2, padding 0).
     Parameters: 1,330,176 (nuScenes settings) / 1,035,264 (KITTI defaults).
     """
 
