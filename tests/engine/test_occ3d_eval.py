@@ -180,3 +180,20 @@ def test_evaluate_scores_model_batches_like_saved_predictions(tree, tmp_path):
     from_files = evaluate_predictions(tmp_path, dataset, tree["cfg"])
     assert result.num_samples == 2 and _same(result.metrics, from_files.metrics)
     assert result.metrics["car_IoU"] == 0.0 and result.metrics["RayIoU"] < 100
+
+
+def test_image_blind_prior_gets_the_occ3d_metrics_of_its_prediction_files(tree, tmp_path):
+    # the quickstart's prior scored on an Occ3D config: the same numbers spotocc eval --predictions
+    # gives for that one prediction written as every sample's file (camera-mask, unmasked, RayIoU)
+    from spotocc.engine.quickstart import most_frequent_label_baseline, score_fixed_prediction
+
+    cfg, dataset = tree["cfg"], tree["dataset"]
+    train_set = default_dataset_factory(cfg, "train", train=False)
+    prior = most_frequent_label_baseline(train_set, 18)
+    for i in range(len(dataset)):
+        write_prediction(tmp_path, dataset[i]["meta"]["sample_id"], prior)
+    expected = evaluate_predictions(tmp_path, dataset, cfg).metrics
+    got = score_fixed_prediction(prior, dataset, cfg)
+    assert "mIoU" in got and "RayIoU" in got and "SSC_mIoU" not in got
+    assert _same(got, expected)
+    assert "RayIoU" not in score_fixed_prediction(prior, dataset, cfg, ray_iou=False)

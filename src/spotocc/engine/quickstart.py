@@ -150,13 +150,18 @@ def draw_first_prediction(path: Path, dataset: Dataset, predictions: Path, cfg: 
     )
 
 
-def _gt_batches(dataset: Dataset, collate_fn: Callable | None):
+def _batches(dataset: Dataset, collate_fn: Callable | None):
     if collate_fn is None:
         from spotocc.data import collate as collate_fn
     loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0, collate_fn=collate_fn)
     for batch in loader:
         if "gt_occ" not in batch:
             raise ValueError("the baseline needs ground truth (gt_occ) in every sample")
+        yield batch
+
+
+def _gt_batches(dataset: Dataset, collate_fn: Callable | None):
+    for batch in _batches(dataset, collate_fn):
         yield batch["gt_occ"]  # [B, X, Y, Z] uint8
 
 
@@ -182,13 +187,29 @@ def most_frequent_label_baseline(
 
 
 def score_fixed_prediction(
-    prediction: np.ndarray, dataset: Dataset, cfg: Config, *, collate_fn: Callable | None = None
+    prediction: np.ndarray,
+    dataset: Dataset,
+    cfg: Config,
+    *,
+    collate_fn: Callable | None = None,
+    ray_iou: bool = True,
 ) -> dict[str, float]:
-    """SSC metrics of predicting the same ``prediction`` [X, Y, Z] for every sample of ``dataset``."""
-    from spotocc.data.classes import class_set
+    """Metrics of predicting the same ``prediction`` [X, Y, Z] for every sample of ``dataset``.
 
-    metrics = SSCMetrics(class_set(cfg.data.class_set)[0], class0_quirk=cfg.eval.class0_quirk)
+    SSC metrics; for Occ3D configs (:func:`~spotocc.engine.scoring.uses_occ3d`) the Occ3D metrics that
+    ``spotocc eval`` prints (camera-mask mIoU / IoU, unmasked, and RayIoU unless ``ray_iou`` is False),
+    so read ``dataset`` as evaluation sets are read (``default_dataset_factory(..., train=False)``).
+    """
+    from spotocc.data.classes import class_set
+    from spotocc.engine.scoring import build_scorer, uses_occ3d
+
     pred = torch.from_numpy(prediction.astype(np.int64))
+    if uses_occ3d(cfg):
+        scorer = build_scorer(cfg, ray_iou=ray_iou)
+        for batch in _batches(dataset, collate_fn):
+            scorer.update(pred.expand_as(batch["gt_occ"]), batch)
+        return scorer.compute()
+    metrics = SSCMetrics(class_set(cfg.data.class_set)[0], class0_quirk=cfg.eval.class0_quirk)
     for gt in _gt_batches(dataset, collate_fn):
         metrics.update(pred.expand_as(gt), gt)
     return metrics.compute()
