@@ -264,7 +264,7 @@ def test_reduced_precision_runs_in_the_features_dtype(case, backend, mode, monke
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5  # bfloat16 keeps 8 bits of mantissa
     for ours, oracle in ((dense_y, ref), (conv.weight.grad, w_ref.grad)):
         scale = float(oracle.detach().abs().max())
-        assert float((ours.double() - oracle.detach()).abs().max()) <= tol * scale
+        assert float((ours.detach().double() - oracle.detach()).abs().max()) <= tol * scale
 
 
 @pytest.mark.parametrize("backend", ["reference", "spconv"])
