@@ -125,3 +125,16 @@ def test_quickstart_end_to_end_with_the_real_generator_model_and_readers(tmp_pat
     assert rescored == results["model"]
     assert Image.open(tmp_path / "quickstart.png").width > 200
     assert "wall time" in capsys.readouterr().out
+
+
+def test_quickstart_command_skips_per_epoch_validation_unless_asked():
+    # The quickstart scores the last checkpoint itself; the user's override still wins.
+    from spotocc.commands.quickstart import quickstart_config
+    from spotocc.config import get_config
+
+    cfg = quickstart_config([], epochs=None, seed=3)
+    assert get_config("synthetic_tiny").train.eval_interval == 1  # `spotocc train` still validates
+    assert cfg.train.eval_interval == 0 and cfg.train.seed == 3
+    assert cfg.train.epochs == get_config("synthetic_tiny").train.epochs
+    cfg = quickstart_config(["train.eval_interval=2"], epochs=5, seed=0)
+    assert cfg.train.eval_interval == 2 and cfg.train.epochs == 5
