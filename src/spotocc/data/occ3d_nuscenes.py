@@ -36,6 +36,7 @@ from spotocc.data.classes import IGNORE_INDEX, OCC3D_FREE, occ3d_to_model_ids
 from spotocc.data.files import DataFileError, require_file
 from spotocc.data.nuscenes_occ import CAMERAS
 from spotocc.data.occ3d_samples import Occ3DRecord, load_sample_list
+from spotocc.data.ray_origins import NUSCENES_LIDAR_ORIGIN, lidar_origins_in_ego, select_ray_origins
 from spotocc.data.transforms import (
     BevFlips,
     bev_matrix,
@@ -44,7 +45,6 @@ from spotocc.data.transforms import (
     flip_occupancy,
     sample_bev_flips,
 )
-from spotocc.evaluation.ray_iou import NUSCENES_LIDAR_ORIGIN, lidar_origins_in_ego, select_ray_origins
 
 OCC3D_GRID = ((-40.0, -40.0, -1.0, 40.0, 40.0, 5.4), (200, 200, 16))  # (point_cloud_range, occ_size)
 GT_KEYS = ("semantics", "mask_lidar", "mask_camera")
@@ -176,7 +176,7 @@ class Occ3DNuScenes(Dataset):
         The LiDAR origins of every key frame of its scene, chosen as SparseOcc does
         (:func:`~spotocc.evaluation.select_ray_origins`: within 39 m in x and y and inside the grid,
         at most 8). A list without LiDAR calibration (annotations.json) places each frame's LiDAR at
-        :data:`~spotocc.evaluation.ray_iou.NUSCENES_LIDAR_ORIGIN` in its ego frame. None without a
+        :data:`~spotocc.data.ray_origins.NUSCENES_LIDAR_ORIGIN` in its ego frame. None without a
         scene name or on a grid of non-cubic voxels (RayIoU then casts from the sample's own LiDAR).
         """
         record = self.records[index]

@@ -32,31 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from spotocc.data.classes import OCC3D_FILE_CLASSES, OCC3D_FREE
 from spotocc.evaluation.ssc import round_percent, with_prefix
 
 __all__ = ["OCC3D_CLASS_NAMES", "OCC3D_FREE_INDEX", "Occ3DMetrics", "class_iou", "geometry_iou"]
 
-OCC3D_CLASS_NAMES: tuple[str, ...] = (
-    "others",
-    "barrier",
-    "bicycle",
-    "bus",
-    "car",
-    "construction_vehicle",
-    "motorcycle",
-    "pedestrian",
-    "traffic_cone",
-    "trailer",
-    "truck",
-    "driveable_surface",
-    "other_flat",
-    "sidewalk",
-    "terrain",
-    "manmade",
-    "vegetation",
-    "free",
-)
-OCC3D_FREE_INDEX = 17
+OCC3D_CLASS_NAMES: tuple[str, ...] = OCC3D_FILE_CLASSES  # file ids: 0 others .. 16 vegetation, 17 free
+OCC3D_FREE_INDEX = OCC3D_FREE
 
 UNMASKED_PREFIX = "unmasked_"
 
