@@ -257,6 +257,12 @@ class TrainConfig:
     keep_last: int = 2  # checkpoint generations kept besides `best` (the newest one that verifies resumes)
     find_unused_parameters: bool = False  # DDP: set if some parameters get no gradient in an iteration
     tensorboard: bool = True  # TensorBoard event files besides the JSON-lines metrics file
+    # not released (0 in every paper preset): teacher forcing of the LSS lift. At the first iteration
+    # the lift takes this share of the one-hot depth targets (the rest: the predicted depth), decaying
+    # linearly to 0 at the fraction `depth_teacher_forcing_end` of the run's iterations; the depth
+    # loss always scores the prediction. See spotocc.models.view_transform.mix_teacher_depth
+    depth_teacher_forcing: float = 0.0
+    depth_teacher_forcing_end: float = 0.5
 
 
 @dataclass

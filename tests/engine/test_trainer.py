@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_toys import toy_config, toy_dataset_factory, toy_model_factory
+from engine_toys import ToyOccupancyModel, toy_config, toy_dataset_factory, toy_model_factory
 from safetensors.torch import load_file
 
 from spotocc.engine import trainer as trainer_module
 from spotocc.engine.checkpoint import load_checkpoint
 from spotocc.engine.evaluator import EvalResult, evaluate, load_model_from_checkpoint
 from spotocc.engine.metrics_log import read_metrics
-from spotocc.engine.trainer import total_loss, train
+from spotocc.engine.trainer import depth_teacher_weight, total_loss, train
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parents[1] / "src"
@@ -254,3 +254,33 @@ def test_tensorboard_gets_the_logged_train_and_val_scalars(tmp_path):
     miou_tags = [t for t in tags if t.startswith("val/") and t.endswith("SSC_mIoU")]
     assert len(miou_tags) == 1 and len(val) == 1, sorted(tags)
     assert events.Scalars(miou_tags[0])[0].value == pytest.approx(val[0][miou_tags[0][4:]])
+
+
+def test_depth_teacher_forcing_decays_linearly_over_the_run(tmp_path):
+    seen = []
+
+    class Recording(ToyOccupancyModel):
+        def forward_train(self, batch):
+            seen.append(self.depth_teacher_weight)
+            return super().forward_train(batch)
+
+    def factory(cfg):
+        return Recording(num_classes=cfg.model.head.num_classes, occ_size=cfg.grid.occ_size)
+
+    # 12 samples, batch 2, 2 epochs: 12 iterations; the share reaches 0 at half of them
+    cfg = toy_config(["train.depth_teacher_forcing=0.8", "train.depth_teacher_forcing_end=0.5"])
+    train(
+        cfg,
+        work_dir=tmp_path,
+        device="cpu",
+        model_factory=factory,
+        dataset_factory=toy_dataset_factory,
+        show_progress=False,
+    )
+    assert seen == pytest.approx([0.8 * (1 - step / 6) for step in range(6)] + [0.0] * 6)
+
+
+def test_depth_teacher_weight_is_zero_when_off():
+    cfg = toy_config()
+    assert cfg.train.depth_teacher_forcing == 0.0
+    assert [depth_teacher_weight(cfg.train, s, 10) for s in range(10)] == [0.0] * 10

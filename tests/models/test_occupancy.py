@@ -159,3 +159,20 @@ def test_whole_model_trains_and_predicts_under_cpu_autocast(tiny_batch, head_typ
     with torch.autocast("cpu", dtype=dtype):
         labels = model.predict(batch)
     assert labels.shape == (2, *cfg.grid.occ_size) and labels.dtype == torch.int64
+
+
+def test_depth_teacher_forcing_changes_the_lift_not_the_depth_loss(tiny_batch):
+    cfg, batch = tiny_batch
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    _untouched_init_(model)
+    torch.manual_seed(1)  # the same drop-path draws in both passes
+    free = model.forward_train(batch)
+    model.depth_teacher_weight = 0.5
+    torch.manual_seed(1)
+    forced = model.forward_train(batch)
+    torch.testing.assert_close(forced["loss_depth"], free["loss_depth"])  # it scores the prediction
+    assert not torch.allclose(forced["loss_mask"], free["loss_mask"])
+    head_losses = sum(v for k, v in forced.items() if k != "loss_depth")
+    head_losses.backward()  # the (1 - weight) share of the prediction still reaches the depth net
+    assert model.view_transformer.depth_net.depth_conv[-1].weight.grad.abs().sum() > 0

@@ -18,6 +18,7 @@ from spotocc.models.view_transform import (
     image_aug_transform,
     lift_and_pool,
     make_frustum,
+    mix_teacher_depth,
     occupancy_depth,
     voxel_indices,
 )
@@ -550,3 +551,38 @@ def test_view_transformer_forward_shapes_and_input_checks():
         vt(torch.randn(b, n, 8, 5, 11), *cams)
     with pytest.raises(ValueError, match="gt_depth"):
         vt.depth_loss(torch.zeros(b, n, 32, 32), depth_prob)
+
+
+def test_teacher_forcing_mixes_the_one_hot_target_into_valid_cells_only():
+    torch.manual_seed(0)
+    prob = torch.randn(2, 5, 2, 3).softmax(dim=1)  # [B*N, D, fH, fW]
+    bins = torch.tensor([0, 4, 2, 1, 3, 0, 1, 1, 2, 2, 4, 4])  # (camera, row, column) order
+    valid = torch.tensor([1, 1, 0, 1, 1, 1, 0, 0, 1, 1, 1, 0], dtype=torch.bool)
+    mixed = mix_teacher_depth(prob, bins, valid, 0.25)
+    flat_prob = prob.permute(0, 2, 3, 1).reshape(12, 5)
+    flat_mixed = mixed.permute(0, 2, 3, 1).reshape(12, 5)
+    for m in range(12):
+        expected = flat_prob[m].clone()
+        if valid[m]:
+            expected = 0.75 * expected
+            expected[bins[m]] += 0.25
+        torch.testing.assert_close(flat_mixed[m], expected)
+    assert mix_teacher_depth(prob, bins, valid, 0.0) is prob
+
+
+def test_fully_teacher_forced_lift_ignores_the_predicted_depth():
+    torch.manual_seed(0)
+    vt = _tiny_view_transformer(grid_size=(16, 16, 4)).train()
+    k = _pad4(torch.tensor([[100.0, 0.0, 88.0], [0.0, 100.0, 32.0], [0.0, 0.0, 1.0]]))
+    cams = _cams(CAM_TO_LIDAR, torch.tensor([0.0, 0.0, 0.0]), k)
+    feats = torch.randn(1, 1, 8, 4, 11)
+    bins = torch.randint(0, vt.num_bins, (44,))
+    teacher = (bins, torch.ones(44, dtype=torch.bool), 1.0)
+    volume, depth_prob, context = vt(feats, *cams, with_context=True, teacher=teacher)
+    onehot = F.one_hot(bins.reshape(1, 4, 11), vt.num_bins).permute(0, 3, 1, 2).float()
+    index, inside = voxel_indices(vt.geometry(*cams), vt.bx - vt.dx / 2, vt.dx, vt.grid_size)
+    expected = lift_and_pool(onehot[None], context[None], index, inside, vt.grid_size)
+    torch.testing.assert_close(volume, expected)
+    assert not torch.allclose(depth_prob, onehot)  # the prediction is returned, for the depth loss
+    free, _ = vt(feats, *cams)
+    assert not torch.allclose(free, volume)

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from spotocc.config import Config
+from spotocc.config import Config, TrainConfig
 from spotocc.engine import distributed as dist_utils
 from spotocc.engine.atomic import write_text_atomic
 from spotocc.engine.checkpoint import (
@@ -388,6 +388,9 @@ def _train_step(
     """Forward, backward, clip and optimiser step on one batch: (named losses, their sum, grad norm)."""
     tc, device, scaler, optimizer = run.cfg.train, run.info.device, run.scaler, run.optimizer
     batch = move_to_device(batch, device)
+    run.model.depth_teacher_weight = depth_teacher_weight(
+        tc, run.progress.global_step, tc.epochs * run.iters_per_epoch
+    )
     with autocast_context(device, tc.amp):
         losses = run.step_module(batch)
     loss = total_loss(losses)
@@ -400,6 +403,15 @@ def _train_step(
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return losses, loss, grad_norm
+
+
+def depth_teacher_weight(tc: TrainConfig, step: int, total_steps: int) -> float:
+    """The share of depth targets in the lift at ``step`` (0-based) of ``total_steps``: linear from
+    ``train.depth_teacher_forcing`` at step 0 to 0 at ``depth_teacher_forcing_end`` x total_steps."""
+    if tc.depth_teacher_forcing <= 0.0:
+        return 0.0
+    end = tc.depth_teacher_forcing_end * total_steps
+    return tc.depth_teacher_forcing * max(0.0, 1.0 - step / end) if end > 0 else 0.0
 
 
 def _log_train(run: _Run, bar: Any, epoch: int) -> None:

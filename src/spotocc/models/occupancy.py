@@ -14,7 +14,7 @@ from spotocc.models.heads.spot import SpotOccHead
 from spotocc.models.image_neck import SECONDFPN
 from spotocc.models.sparse.encoder import SparseLatentDiffuser
 from spotocc.models.sparse.pyramid import SparseFeaturePyramid
-from spotocc.models.view_transform import ViewTransformer
+from spotocc.models.view_transform import ViewTransformer, depth_bce_loss
 
 HEADS: dict[str, type[nn.Module]] = {"spot": SpotOccHead, "sparseocc": SparseOccHead}
 
@@ -49,6 +49,9 @@ class OccupancyModel(nn.Module):
         self.voxel_neck = voxel_neck
         self.head = head
         self.occ_size = tuple(int(s) for s in occ_size)
+        # share of the depth targets mixed into the lift in training (train.depth_teacher_forcing);
+        # set by the trainer every step, 0 = the released behaviour
+        self.depth_teacher_weight = 0.0
 
     @classmethod
     def from_config(cls, cfg: Config, *, load_pretrained: bool = True) -> OccupancyModel:
@@ -103,16 +106,36 @@ class OccupancyModel(nn.Module):
             raise KeyError("forward_train needs 'gt_occ' in the batch (a training split with labels)")
         vt = self.view_transformer
         cams = [batch[key] for key in CAMERA_KEYS]
-        volume, depth_prob, context = vt(self.encode_images(batch["img"]), *cams, with_context=True)
+        targets = teacher = None
+        if "gt_depth" in batch:
+            targets = self.depth_target_bins(batch)  # (bins, valid) [B*N*fH*fW]
+            if self.depth_teacher_weight > 0.0:  # the lift takes the true bins, released binning or not
+                fixed = vt.fix_depth_bin_offset
+                bins = targets if fixed else self.depth_target_bins(batch, fix_bin_offset=True)
+                teacher = (*bins, self.depth_teacher_weight)
+        volume, depth_prob, context = vt(
+            self.encode_images(batch["img"]), *cams, with_context=True, teacher=teacher
+        )
         voxel_feats = self.encode_voxels(volume)
         losses: dict[str, torch.Tensor] = {}
-        if "gt_depth" in batch:
-            losses["loss_depth"] = self.depth_loss(batch, depth_prob)
+        if targets is not None:
+            losses["loss_depth"] = vt.depth_loss_weight * depth_bce_loss(depth_prob, *targets)
         if vt.context_classifier is not None:
             points = vt.geometry(*cams)  # [B, N, D, fH, fW, 3]
             losses["loss_image_semantic"] = vt.semantic_loss(context, batch["gt_occ"], points)
         losses.update(self.head.forward_train(voxel_feats, batch["gt_occ"]))
         return losses
+
+    def depth_target_bins(
+        self, batch: dict[str, Any], *, fix_bin_offset: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The depth net's targets of a batch with ``gt_depth``: (bins, valid) [B*N*fH*fW]
+        (:meth:`ViewTransformer.depth_target_bins`; ``fix_bin_offset`` None = the configured binning)."""
+        vt = self.view_transformer
+        points = vt.geometry(*(batch[key] for key in CAMERA_KEYS)) if vt.depth_from_occupancy else None
+        return vt.depth_target_bins(
+            batch["gt_depth"], gt_occ=batch.get("gt_occ"), points=points, fix_bin_offset=fix_bin_offset
+        )
 
     def depth_loss(self, batch: dict[str, Any], depth_prob: torch.Tensor) -> torch.Tensor:
         """The depth net's loss on a batch with ``gt_depth`` (and ``gt_occ`` under

@@ -529,6 +529,24 @@ def occupancy_depth(
     return torch.where(label != 0, depth, torch.full_like(depth, NO_DEPTH)).reshape(-1)
 
 
+def mix_teacher_depth(
+    depth_prob: torch.Tensor, bins: torch.Tensor, valid: torch.Tensor, weight: float
+) -> torch.Tensor:
+    """Teacher forcing of the lift: ``weight`` x one-hot target + (1 - ``weight``) x prediction.
+
+    depth_prob [B*N, D, fH, fW], bins / valid [B*N*fH*fW] in (camera, row, column) order (as from
+    :meth:`ViewTransformer.depth_target_bins`) -> [B*N, D, fH, fW]; cells without a valid target keep the
+    prediction. Gradients reach the depth net through the (1 - ``weight``) share.
+    """
+    if weight <= 0.0:
+        return depth_prob
+    bn, d, fh, fw = depth_prob.shape
+    onehot = F.one_hot(bins.reshape(bn, fh, fw), d).permute(0, 3, 1, 2)  # [B*N, D, fH, fW]
+    onehot = onehot.to(depth_prob.dtype)
+    mixed = weight * onehot + (1.0 - weight) * depth_prob
+    return torch.where(valid.reshape(bn, 1, fh, fw), mixed, depth_prob)
+
+
 def depth_bce_loss(depth_prob: torch.Tensor, bins: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """BCE between softmax probabilities [B*N, D, fH, fW] and one-hot targets, summed over bins and
     averaged over valid cells (fp32, as released)."""
@@ -664,10 +682,15 @@ class ViewTransformer(nn.Module):
         bda: torch.Tensor,
         *,
         with_context: bool = False,
+        teacher: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """feats [B, N, C, fH, fW] + camera tensors (batch contract) -> (volume [B, Ct, X, Y, Z] fp32 with
         exact zeros at empty voxels, channels_last_3d memory format; depth_prob [B*N, D, fH, fW]), and with
-        ``with_context`` also the context features [B*N, Ct, fH, fW] that were lifted."""
+        ``with_context`` also the context features [B*N, Ct, fH, fW] that were lifted.
+
+        ``teacher`` = (target bins [B*N*fH*fW], valid [B*N*fH*fW], weight): the lift uses
+        :func:`mix_teacher_depth` of the predicted depth instead of the depth itself (training only, see
+        ``train.depth_teacher_forcing``); the returned depth_prob is still the prediction."""
         b, n, c, fh, fw = feats.shape
         self._check_inputs(feats, rots, trans, intrins, post_rots, post_trans, bda)
         camera = camera_parameter_vector(
@@ -678,8 +701,9 @@ class ViewTransformer(nn.Module):
         context = out[:, self.num_bins :]  # [B*N, Ct, fH, fW]
         points = self.geometry(rots, trans, intrins, post_rots, post_trans, bda)  # [B, N, D, fH, fW, 3]
         index, inside = voxel_indices(points, self.bx - self.dx / 2.0, self.dx, self.grid_size)
+        lift_prob = depth_prob if teacher is None else mix_teacher_depth(depth_prob, *teacher)
         volume = lift_and_pool(
-            depth_prob.unflatten(0, (b, n)),
+            lift_prob.unflatten(0, (b, n)),
             context.unflatten(0, (b, n)),
             index,
             inside,
