@@ -22,6 +22,7 @@ from spotocc.engine.checkpoint import load_checkpoint
 from spotocc.engine.evaluator import EvalResult, evaluate, load_model_from_checkpoint
 from spotocc.engine.metrics_log import read_metrics
 from spotocc.engine.trainer import depth_teacher_weight, total_loss, train
+from spotocc.errors import ConfigError
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parents[1] / "src"
@@ -284,3 +285,15 @@ def test_depth_teacher_weight_is_zero_when_off():
     cfg = toy_config()
     assert cfg.train.depth_teacher_forcing == 0.0
     assert [depth_teacher_weight(cfg.train, s, 10) for s in range(10)] == [0.0] * 10
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.depth_teacher_forcing=1.5", "depth_teacher_forcing must be in"),
+        ("train.depth_teacher_forcing_end=0", "depth_teacher_forcing_end must be > 0"),
+    ],
+)
+def test_bad_depth_teacher_forcing_is_a_config_error(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        _train_toy(toy_config([override]), tmp_path)

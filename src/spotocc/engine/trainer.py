@@ -72,6 +72,7 @@ from spotocc.engine.metrics_log import MetricsLog
 from spotocc.engine.optim import build_lr_scheduler, build_optimizer, clip_gradients
 from spotocc.engine.sampling import ResumableDistributedSampler, SeededSamples
 from spotocc.engine.scoring import uses_occ3d
+from spotocc.errors import ConfigError
 from spotocc.evaluation import format_ssc_table, metric_prefix, with_prefix
 from spotocc.evaluation.occ3d_eval import format_occ3d_table
 
@@ -232,6 +233,7 @@ def _set_up(
 ) -> _Run:
     """The work directory, model, optimiser and schedule, the resumed state, the data and the logs."""
     tc = cfg.train
+    check_depth_teacher_forcing(tc)
     device = info.device
     if collate_fn is None:
         from spotocc.data import collate as collate_fn
@@ -405,13 +407,24 @@ def _train_step(
     return losses, loss, grad_norm
 
 
+def check_depth_teacher_forcing(tc: TrainConfig) -> None:
+    """ConfigError unless ``train.depth_teacher_forcing`` is in [0, 1] and its end fraction is > 0."""
+    if not 0.0 <= tc.depth_teacher_forcing <= 1.0:
+        raise ConfigError(f"train.depth_teacher_forcing must be in [0, 1], got {tc.depth_teacher_forcing}")
+    if not tc.depth_teacher_forcing_end > 0.0:
+        raise ConfigError(
+            f"train.depth_teacher_forcing_end must be > 0 (a fraction of the run), "
+            f"got {tc.depth_teacher_forcing_end}"
+        )
+
+
 def depth_teacher_weight(tc: TrainConfig, step: int, total_steps: int) -> float:
     """The share of depth targets in the lift at ``step`` (0-based) of ``total_steps``: linear from
     ``train.depth_teacher_forcing`` at step 0 to 0 at ``depth_teacher_forcing_end`` x total_steps."""
     if tc.depth_teacher_forcing <= 0.0:
         return 0.0
     end = tc.depth_teacher_forcing_end * total_steps
-    return tc.depth_teacher_forcing * max(0.0, 1.0 - step / end) if end > 0 else 0.0
+    return tc.depth_teacher_forcing * max(0.0, 1.0 - step / end)
 
 
 def _log_train(run: _Run, bar: Any, epoch: int) -> None:
