@@ -210,3 +210,21 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path, capsys, extra, message):
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("spotocc diagnose: error: ") and message in lines[0]
     assert captured.out == ""
+
+
+def test_pipeline_memorisation_follows_the_depth_teacher_forcing_schedule(tiny):
+    cfg, _, scenes = tiny
+    cfg = apply_overrides(
+        copy.deepcopy(cfg), ["train.depth_teacher_forcing=0.6", "train.depth_teacher_forcing_end=1.0"]
+    )
+    model = _model(cfg)
+    seen: list[float] = []
+    forward_train = model.forward_train
+
+    def recording(batch):
+        seen.append(model.depth_teacher_weight)
+        return forward_train(batch)
+
+    model.forward_train = recording
+    memorise(cfg, scenes, "pipeline", steps=3, batch_size=2, seed=0, log=None, model=model)
+    assert seen == pytest.approx([0.6, 0.4, 0.2])

@@ -3,7 +3,8 @@
 Each variant trains on the same few scenes it is then scored on (no augmentation), so a class that
 stays low is one the trained part cannot fit even when generalisation is not asked for:
 
-- ``pipeline``: the whole model, its own losses (``forward_train``, summed as the trainer does).
+- ``pipeline``: the whole model, its own losses (``forward_train``, summed as the trainer does);
+  ``train.depth_teacher_forcing`` applies over the run's steps, as in the trainer.
 - ``gt-depth``: the same, but the depth distribution that the LSS lift pools is the one-hot LiDAR
   depth bin wherever a feature cell has a LiDAR point (cells without one keep the predicted
   distribution), in training and in scoring (:class:`GroundTruthDepth`); no depth loss, since it
@@ -39,7 +40,7 @@ from spotocc.data.batch import collate
 from spotocc.data.classes import IGNORE_INDEX, class_set
 from spotocc.engine.evaluator import move_to_device
 from spotocc.engine.optim import build_optimizer, clip_gradients
-from spotocc.engine.trainer import total_loss
+from spotocc.engine.trainer import check_depth_teacher_forcing, depth_teacher_weight, total_loss
 from spotocc.evaluation import SSCMetrics, format_ssc_table
 from spotocc.evaluation.ssc import round_percent
 from spotocc.models import build_model
@@ -443,6 +444,7 @@ def _train(
 ) -> tuple[list[float], dict[str, float], float]:
     """``steps`` optimiser steps; returns (total loss per step, last step's named losses, seconds)."""
     train_cfg = dataclasses.replace(cfg.train, lr=lr)
+    check_depth_teacher_forcing(train_cfg)
     optimizer = build_optimizer(trainee.module, train_cfg)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     generator = torch.Generator().manual_seed(seed)
@@ -453,6 +455,8 @@ def _train(
     for step in range(1, steps + 1):
         picks = torch.randint(0, len(scenes), (batch_size,), generator=generator).tolist()
         batch = move_to_device(collate([scenes[i] for i in picks]), device)
+        if isinstance(trainee.module, OccupancyModel):  # train.depth_teacher_forcing, as the trainer does
+            trainee.module.depth_teacher_weight = depth_teacher_weight(train_cfg, step - 1, steps)
         losses = trainee.losses(batch)
         loss = total_loss(losses)
         value = float(loss.detach())
