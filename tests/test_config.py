@@ -43,6 +43,26 @@ def test_released_augmentation_settings():
         assert (aug.flip_dx_ratio, aug.flip_dy_ratio, aug.flip_dz_ratio) == (0.5, 0.5, 0.5), name
 
 
+PAPER_PRESETS = (
+    "spotocc_nusc_256",
+    "sparseocc_nusc_256",
+    "spotocc_kitti",
+    "sparseocc_kitti",
+    "spotocc_occ3d",
+    "sparseocc_occ3d",
+)
+
+
+@pytest.mark.parametrize("name", PAPER_PRESETS)
+def test_paper_presets_keep_every_learning_fix_off(name):
+    """The switches found while making synthetic_tiny learn are not in the release: off in paper presets."""
+    cfg = get_config(name)
+    vt = cfg.model.view_transformer
+    assert (vt.pool, vt.depth_from_occupancy, vt.fix_depth_bin_offset) == ("sum", False, False)
+    assert (vt.depth_loss_weight, vt.semantic_loss_weight) == (1.0, 0.0)
+    assert cfg.train.depth_teacher_forcing == 0.0
+
+
 def test_grid_derived_sizes():
     assert get_config("spotocc_nusc_256").grid.lss_size == (128, 128, 10)
     assert get_config("spotocc_kitti").grid.lss_size == (128, 128, 16)

@@ -260,9 +260,10 @@ class TrainConfig:
     # not released (0 in every paper preset): teacher forcing of the LSS lift. At the first iteration
     # the lift takes this share of the one-hot depth targets (the rest: the predicted depth), decaying
     # linearly to 0 at the fraction `depth_teacher_forcing_end` of the run's iterations; the depth
-    # loss always scores the prediction. See spotocc.models.view_transform.mix_teacher_depth
+    # loss always scores the prediction; batches without gt_depth are not forced. See
+    # spotocc.models.view_transform.mix_teacher_depth
     depth_teacher_forcing: float = 0.0
-    depth_teacher_forcing_end: float = 0.5
+    depth_teacher_forcing_end: float = 1.0
 
 
 @dataclass

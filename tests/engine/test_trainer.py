@@ -282,8 +282,7 @@ def test_depth_teacher_forcing_decays_linearly_over_the_run(tmp_path):
 
 
 def test_depth_teacher_weight_is_zero_when_off():
-    cfg = toy_config()
-    assert cfg.train.depth_teacher_forcing == 0.0
+    cfg = toy_config(["train.depth_teacher_forcing=0"])
     assert [depth_teacher_weight(cfg.train, s, 10) for s in range(10)] == [0.0] * 10
 
 

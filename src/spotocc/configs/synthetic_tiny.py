@@ -24,6 +24,15 @@ Evidence (``spotocc diagnose coverage|memorise|depth``, 8 generated training sce
 - Held-out quickstart (64 scenes, 12 epochs): SC IoU 41.0 / mIoU 6.51 / car 5.4 with all of the
   above, against 39.2 / 5.48 / 0.3 for the former 96x320 stride-16 preset; the same switches at
   96x320 gave 39.7 / 5.58 / 0.0. Buildings and vegetation stay at 0 in that budget.
+- ``train.depth_teacher_forcing=1.0`` (the lift takes the depth targets at the first step, a share
+  decaying linearly to 0 by the last): in the quickstart's budget the 3D stages learn the scene only
+  once the lift puts features where they belong. Trained with the targets in the lift throughout and
+  scored with them, the quickstart model reaches car 24.6, truck 30.4, building 17.5 and vegetation
+  9.3 held-out IoU; the model without teacher forcing, scored with its own depth, car 2.5 and truck 0.
+  With the decaying share, held-out car / truck / mIoU went from 2.5 / 0.0 / 5.69 to 11.1 / 16.2 /
+  7.53 (scenes of seed 0) and from 2.5 / 0.5 / 4.52 to 10.7 / 9.1 / 5.55 (seed 1). Ending the share
+  at half the run gave 12.1 / 21.6 / 7.36 and 5.7 / 8.5 / 5.33. Buildings stay near 0: their
+  predicted depth (within 1 m in ~22% of the cells) is what is still missing.
 
 Kept from the earlier tuning: 32 LSS channels (16 gave held-out mIoU 4.7, 64 no better than 32) and
 no BEV flips (eight orientations of the world to learn from 64 scenes).
@@ -102,5 +111,7 @@ def config() -> Config:
             batch_size=2,
             num_workers=0,
         ),
-        train=TrainConfig(epochs=9, lr=1e-3, lr_steps=(8,), sync_bn=False, log_interval=10),
+        train=TrainConfig(
+            epochs=9, lr=1e-3, lr_steps=(8,), sync_bn=False, log_interval=10, depth_teacher_forcing=1.0
+        ),
     )
