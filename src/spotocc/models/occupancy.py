@@ -119,7 +119,7 @@ class OccupancyModel(nn.Module):
         voxel_feats = self.encode_voxels(volume)
         losses: dict[str, torch.Tensor] = {}
         if targets is not None:
-            losses["loss_depth"] = vt.depth_loss_weight * depth_bce_loss(depth_prob, *targets)
+            losses["loss_depth"] = self.depth_loss(batch, depth_prob, targets)
         if vt.context_classifier is not None:
             points = vt.geometry(*cams)  # [B, N, D, fH, fW, 3]
             losses["loss_image_semantic"] = vt.semantic_loss(context, batch["gt_occ"], points)
@@ -137,12 +137,17 @@ class OccupancyModel(nn.Module):
             batch["gt_depth"], gt_occ=batch.get("gt_occ"), points=points, fix_bin_offset=fix_bin_offset
         )
 
-    def depth_loss(self, batch: dict[str, Any], depth_prob: torch.Tensor) -> torch.Tensor:
-        """The depth net's loss on a batch with ``gt_depth`` (and ``gt_occ`` under
-        ``view_transformer.depth_from_occupancy``); depth_prob [B*N, D, fH, fW] from :meth:`lift`."""
-        vt = self.view_transformer
-        points = vt.geometry(*(batch[key] for key in CAMERA_KEYS)) if vt.depth_from_occupancy else None
-        return vt.depth_loss(batch["gt_depth"], depth_prob, gt_occ=batch.get("gt_occ"), points=points)
+    def depth_loss(
+        self,
+        batch: dict[str, Any],
+        depth_prob: torch.Tensor,
+        targets: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The depth net's weighted loss on a batch with ``gt_depth`` (and ``gt_occ`` under
+        ``view_transformer.depth_from_occupancy``); depth_prob [B*N, D, fH, fW] from :meth:`lift`;
+        ``targets``: the batch's :meth:`depth_target_bins` when already computed."""
+        bins, valid = self.depth_target_bins(batch) if targets is None else targets
+        return self.view_transformer.depth_loss_weight * depth_bce_loss(depth_prob, bins, valid)
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Any]) -> torch.Tensor:
