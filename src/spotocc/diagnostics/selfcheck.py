@@ -289,34 +289,11 @@ def check_sparse_spconv(device: torch.device) -> str:
 # Deformable convolution
 
 
-def _deform_conv_oracle(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, padding: int):
-    """``deform_conv2d`` (stride 1, no mask) by bilinear sampling: one ``grid_sample`` per kernel tap.
-
-    Offsets are (dy, dx) per kernel position, row-major; samples outside the image read zeros, corner by
-    corner, as in torchvision.
-    """
-    batch, channels, height, width = x.shape
-    out_channels, group_channels, kh, kw = weight.shape
-    groups = channels // group_channels
-    out_h, out_w = height + 2 * padding - kh + 1, width + 2 * padding - kw + 1
-    rows = torch.arange(out_h, dtype=x.dtype) - padding
-    cols = torch.arange(out_w, dtype=x.dtype) - padding
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            k = i * kw + j
-            y = rows[:, None] + i + offset[:, 2 * k]  # [B, H', W']
-            xx = cols[None, :] + j + offset[:, 2 * k + 1]
-            grid = torch.stack((2 * xx / (width - 1) - 1, 2 * y / (height - 1) - 1), dim=-1)
-            taps.append(F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True))
-    sampled = torch.stack(taps, dim=2).view(batch, groups, group_channels, kh * kw, out_h, out_w)
-    w = weight.view(groups, out_channels // groups, group_channels, kh * kw)
-    return torch.einsum("bgckhw,gock->bgohw", sampled, w).reshape(batch, out_channels, out_h, out_w)
-
-
 def check_deform_conv(device: torch.device) -> str:
     """torchvision's ``deform_conv2d`` (grouped, as the depth net uses it) against the float64 oracle."""
     import torchvision
+
+    from spotocc.models.deform_conv import deform_conv2d_by_sampling
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 16, 12, 20, generator=gen, dtype=torch.float64)
@@ -324,7 +301,7 @@ def check_deform_conv(device: torch.device) -> str:
     weight = torch.randn(16, 4, 3, 3, generator=gen, dtype=torch.float64) * 0.2  # 4 groups
     probe = torch.randn(2, 16, 12, 20, generator=gen, dtype=torch.float64)
     leaves64 = [t.clone().requires_grad_() for t in (x, offset, weight)]
-    expected = _deform_conv_oracle(*leaves64, padding=1)
+    expected = deform_conv2d_by_sampling(*leaves64, padding=1)  # one grid_sample; the CPU path
     (expected * probe).sum().backward()
     leaves = [t.to(device=device, dtype=torch.float32).requires_grad_() for t in (x, offset, weight)]
     out = torchvision.ops.deform_conv2d(*leaves, padding=1)

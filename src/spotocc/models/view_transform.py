@@ -27,6 +27,7 @@ import torchvision.ops
 
 from spotocc.config import GridConfig, ViewTransformerConfig
 from spotocc.models.backbones import checkpoint_module
+from spotocc.models.deform_conv import deform_conv2d_by_sampling
 
 # --------------------------------------------------------------------------------------------------
 # Small building blocks of the depth net
@@ -170,12 +171,13 @@ class DeformConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset = self.conv_offset(x)  # [B*N, 2*k*k, fH, fW]
-        # fp32 always: torchvision's CPU kernel has no bf16/fp16 version and autocast does not cover
-        # it on the CPU (on CUDA torchvision's autocast rule casts to fp32 too)
+        # fp32 always, as torchvision's autocast rule on CUDA (its CPU kernel has no bf16/fp16 version)
         with torch.autocast(x.device.type, enabled=False):
-            return torchvision.ops.deform_conv2d(
-                x.float(), offset.float(), self.weight.float(), padding=self.padding
-            )  # [B*N, out, fH, fW]
+            x, offset, weight = x.float(), offset.float(), self.weight.float()
+            if x.device.type == "cpu":  # the same function; torchvision's CPU backward is ~15x slower
+                return deform_conv2d_by_sampling(x, offset, weight, padding=self.padding)
+            # [B*N, out, fH, fW]
+            return torchvision.ops.deform_conv2d(x, offset, weight, padding=self.padding)
 
 
 class DepthNet(nn.Module):
