@@ -22,17 +22,18 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def generated_scenes(tmp_path_factory):
-    """A factory: (synthetic_tiny overrides, folder name) -> (config, root, scenes), two generated
-    SemanticKITTI-layout training scenes at the config's sizes, read without augmentation."""
+    """A factory: (synthetic_tiny overrides, folder name[, num_train]) -> (config, root, scenes): generated
+    SemanticKITTI-layout training scenes (two by default) at the config's sizes, read without
+    augmentation."""
     from spotocc.config import apply_overrides, get_config
     from spotocc.data import build_dataset
     from spotocc.data.synthetic import generate, source_image_size
     from spotocc.diagnostics.memorise import without_augmentation
 
-    def make(overrides, name):
+    def make(overrides, name, num_train=2):
         cfg = get_config("synthetic_tiny", overrides)
         root = tmp_path_factory.mktemp(name)
-        generate(root, "semantickitti", num_train=2, num_val=0, seed=3, grid=cfg.grid,
+        generate(root, "semantickitti", num_train=num_train, num_val=0, seed=3, grid=cfg.grid,
                  image_size=source_image_size(cfg.data), lidar_azimuth_steps=128)  # fmt: skip
         cfg = apply_overrides(cfg, [f"data.root={root}"])
         dataset = build_dataset(without_augmentation(cfg), "train", train=True)
