@@ -181,7 +181,7 @@ class ModelConfig:
     voxel_encoder: VoxelEncoderConfig = field(default_factory=VoxelEncoderConfig)
     voxel_neck: VoxelNeckConfig = field(default_factory=VoxelNeckConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    sparse_backend: str = "auto"  # "auto", "reference" or "spconv" (see models/sparse/conv.py)
+    sparse_backend: str = "auto"  # "auto", "reference", "spconv" or "dense" (see models/sparse/conv.py)
 
 
 # --------------------------------------------------------------------------------------------------

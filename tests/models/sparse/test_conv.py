@@ -23,7 +23,7 @@ from spotocc.models.sparse.conv import (
 )
 from spotocc.models.sparse.spconv_backend import load_spconv
 
-BACKENDS = ["reference-gather", "reference-scatter", "spconv"]
+BACKENDS = ["reference-gather", "reference-scatter", "spconv", "dense"]
 
 CASES = {
     "subm 3x3x3": (SubMConv3d, dict(kernel_size=3, padding=1, bias=False)),
@@ -53,8 +53,8 @@ def use_backend(conv: torch.nn.Module, backend: str, monkeypatch: pytest.MonkeyP
 
     float64 for both (spconv's CPU build supports it), so agreement is checked to ~1e-12.
     """
-    if backend == "spconv":
-        set_sparse_backend(conv, "spconv")
+    if backend in ("spconv", "dense"):
+        set_sparse_backend(conv, backend)
     else:
         set_sparse_backend(conv, "reference")
         fill = 0.0 if backend == "reference-gather" else 2.0
@@ -267,7 +267,7 @@ def test_reduced_precision_runs_in_the_features_dtype(case, backend, mode, monke
         assert float((ours.detach().double() - oracle.detach()).abs().max()) <= tol * scale
 
 
-@pytest.mark.parametrize("backend", ["reference", "spconv"])
+@pytest.mark.parametrize("backend", ["reference", "spconv", "dense"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_empty_input(case, backend):
     cls, kwargs = CASES[case]
@@ -342,6 +342,7 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setitem(spconv_backend._SPCONV_STATE, "cpu_only", False)  # as if a spconv-cuXXX wheel
     assert resolve_backend("auto", cuda) == "spconv"
     assert resolve_backend("reference", cuda) == "reference"
+    assert resolve_backend("dense", cpu) == "dense" and resolve_backend("dense", cuda) == "dense"
     assert resolve_backend("spconv", cpu) == "spconv"
     with pytest.raises(ValueError, match="must be one of"):
         resolve_backend("cuda", cpu)

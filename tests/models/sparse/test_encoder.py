@@ -234,7 +234,7 @@ def test_every_parameter_receives_a_gradient(one_thread):
 def test_backends_agree_on_encoder_and_neck(one_thread):
     """float64: per-voxel GroupNorm over 4 channels makes float32 input gradients ill-conditioned."""
     results = {}
-    for backend in ("reference", "spconv"):
+    for backend in ("reference", "spconv", "dense"):
         encoder, neck = small_model()
         encoder.double(), neck.double()
         set_sparse_backend(encoder, backend), set_sparse_backend(neck, backend)
@@ -243,12 +243,14 @@ def test_backends_agree_on_encoder_and_neck(one_thread):
         sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in outs).backward()
         grads = [p.grad for p in itertools.chain(encoder.parameters(), neck.parameters())]
         results[backend] = ([o.detach() for o in outs], volume.grad, grads)
-    ref, sp = results["reference"], results["spconv"]
-    for a, b in zip(ref[0], sp[0]):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(sp[1], ref[1], rtol=1e-7, atol=1e-7)
-    for a, b in zip(ref[2], sp[2]):
-        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-7)
+    ref = results["reference"]
+    for other in ("spconv", "dense"):
+        outs, volume_grad, grads = results[other]
+        for a, b in zip(ref[0], outs):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(volume_grad, ref[1], rtol=1e-7, atol=1e-7)
+        for a, b in zip(ref[2], grads):
+            torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-7)
 
 
 def test_empty_volume_gives_empty_levels_and_finite_outputs():

@@ -8,11 +8,13 @@ Backends (``backend=`` of every conv, ``ModelConfig.sparse_backend`` for a whole
 
 - ``"reference"`` (:mod:`.reference`): pure PyTorch, any device, the numerical oracle for spconv.
 - ``"spconv"`` (:mod:`.spconv_backend`): spconv 2.x, the fast GPU path (with CPU workarounds).
+- ``"dense"`` (:mod:`.dense_backend`): ``conv3d`` on the zero-filled grid, read at the active sites;
+  for small, mostly active grids (``synthetic_tiny`` on the CPU). Never chosen by ``"auto"``.
 - ``"auto"`` (default): spconv for CUDA tensors when importable, the reference backend otherwise.
   The CPU default is the reference backend because spconv's CPU build is neither faster nor safe
   there. Set ``SPOTOCC_DISABLE_SPCONV=1`` to never use spconv (a warning says so when it matters).
 
-Both backends compute in the dtype of their input features, with autocast off inside the conv, so a
+All backends compute in the dtype of their input features, with autocast off inside the conv, so a
 model under ``--amp`` gets the same dtypes from either.
 
 spconv 1x1 quirk, reproduced in both backends: when the kernel volume is 1 (submanifold, or any conv
@@ -35,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from spotocc.models.sparse import spconv_backend
+from spotocc.models.sparse.dense_backend import dense_conv
 from spotocc.models.sparse.reference import IndexCache, Int3, linear_keys, reference_conv
 from spotocc.models.sparse.spconv_backend import (  # noqa: F401  (re-exported: imported from here)
     _SPCONV_STATE,
@@ -42,7 +45,7 @@ from spotocc.models.sparse.spconv_backend import (  # noqa: F401  (re-exported: 
     spconv_conv,
 )
 
-SPARSE_BACKENDS = ("auto", "reference", "spconv")
+SPARSE_BACKENDS = ("auto", "reference", "spconv", "dense")
 DISABLE_SPCONV_ENV = "SPOTOCC_DISABLE_SPCONV"
 
 
@@ -153,11 +156,11 @@ def spconv_disabled() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend ("reference" or "spconv") that runs a conv on ``device`` for a requested backend."""
+    """The backend ("reference", "spconv" or "dense") that runs a conv on ``device`` for a requested one."""
     if backend not in SPARSE_BACKENDS:
         raise ValueError(f"sparse backend must be one of {SPARSE_BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return "reference"
+    if backend in ("reference", "dense"):
+        return backend
     if spconv_disabled():
         if backend == "spconv" or device.type == "cuda":
             _warn_once(
@@ -266,6 +269,8 @@ class _SparseConv3d(SparseModule):
             backend = resolve_backend(self.backend, x.features.device)
             # spconv's hash tables are not written for an empty input; the reference handles it
             conv = spconv_conv if backend == "spconv" and x.num_active > 0 else reference_conv
+            if backend == "dense":
+                conv = dense_conv
             features, indices, shape = conv(
                 x, self.weight, self.kernel_size, self.stride, self.padding, self.kind
             )
@@ -342,7 +347,7 @@ def apply_to_features(module: nn.Module, x: SparseTensor) -> SparseTensor:
 
 
 def set_sparse_backend(model: nn.Module, backend: str) -> None:
-    """Switch every sparse conv inside ``model`` to ``backend`` ("auto", "reference", "spconv")."""
+    """Switch every sparse conv inside ``model`` to ``backend`` (one of ``SPARSE_BACKENDS``)."""
     if backend not in SPARSE_BACKENDS:
         raise ValueError(f"sparse backend must be one of {SPARSE_BACKENDS}, got {backend!r}")
     for module in model.modules():

@@ -1,0 +1,78 @@
+"""The dense backend of the sparse convs: scatter to a zero-filled grid, ``conv3d``, read the active sites.
+
+The same function as the reference backend (the inactive sites hold zeros, so they add nothing), with
+the same output sites in the same row-major order:
+
+- submanifold: ``conv3d`` with the kernel centred, read at the input's sites;
+- regular: ``conv3d``; a site is active iff its receptive field holds an active input (a ``conv3d`` of
+  the occupancy with a kernel of ones);
+- transposed: ``conv_transpose3d``, active sites likewise.
+
+It pays for every site of the grid, active or not: fast where most of a small grid is active (the
+CPU training of ``synthetic_tiny``, whose LSS volume is ~80% active), wasteful on the paper presets'
+large, sparse grids, so no preset but ``synthetic_tiny`` uses it and ``auto`` never picks it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from spotocc.models.sparse.reference import Int3, autocast_off, linear_keys
+
+if TYPE_CHECKING:
+    from spotocc.models.sparse.conv import SparseTensor
+
+
+def dense_conv(
+    x: SparseTensor, weight: Tensor, kernel: Int3, stride: Int3, padding: Int3, kind: str
+) -> tuple[Tensor, Tensor, Int3]:
+    """Output (features [M, C_out], indices [M, 4] int32, spatial shape) of one conv of ``kind`` on ``x``;
+    ``weight`` in spconv's layout [C_out, kx, ky, kz, C_in]."""
+    if kind not in ("subm", "regular", "transposed"):
+        raise ValueError(f"dense_conv: unknown conv kind {kind!r}")
+    with autocast_off(x.features.device):  # the features' dtype, as in the other backends
+        volume = _scatter(x.features, x.indices, x.batch_size, x.spatial_shape)  # [B, C_in, X, Y, Z]
+        w = weight.to(x.features.dtype)
+        if kind == "subm":
+            out = F.conv3d(volume, w.permute(0, 4, 1, 2, 3), padding=tuple(k // 2 for k in kernel))
+            indices = x.indices
+        else:
+            occupied = _occupancy(x)  # [B, 1, X, Y, Z]
+            ones = occupied.new_ones(1, 1, *kernel)
+            if kind == "regular":
+                out = F.conv3d(volume, w.permute(0, 4, 1, 2, 3), stride=stride, padding=padding)
+                reached = F.conv3d(occupied, ones, stride=stride, padding=padding)
+            else:
+                out = F.conv_transpose3d(volume, w.permute(4, 0, 1, 2, 3), stride=stride, padding=padding)
+                reached = F.conv_transpose3d(occupied, ones, stride=stride, padding=padding)
+            indices = (reached[:, 0] > 0.5).nonzero().to(torch.int32)  # [M, 4], row-major order
+        out_shape = tuple(int(n) for n in out.shape[2:])
+        rows = _rows(indices, out_shape)  # [M]
+        features = out.permute(0, 2, 3, 4, 1).reshape(-1, out.shape[1]).index_select(0, rows)  # [M, C_out]
+    return features, indices, out_shape
+
+
+def _rows(indices: Tensor, shape: Int3) -> Tensor:
+    """int64 [N]: the row of each site (b, x, y, z) in a [B*X*Y*Z, C] channels-last grid."""
+    idx = indices.long()
+    return linear_keys(idx[:, 1:], shape, batch=idx[:, 0])
+
+
+def _scatter(features: Tensor, indices: Tensor, batch_size: int, shape: Int3) -> Tensor:
+    """[B, C, X, Y, Z] (contiguous) with ``features`` [N, C] at the sites ``indices`` and zeros elsewhere.
+    ``index_copy`` and ``index_select``: their backward passes are a gather and a scatter-add, much
+    faster on the CPU than advanced indexing's (a sorting ``index_put``)."""
+    grid = features.new_zeros(batch_size * math.prod(shape), features.shape[1])  # [B*X*Y*Z, C]
+    grid = grid.index_copy(0, _rows(indices, shape), features)
+    return grid.view(batch_size, *shape, -1).permute(0, 4, 1, 2, 3).contiguous()
+
+
+def _occupancy(x: SparseTensor) -> Tensor:
+    """float [B, 1, X, Y, Z]: 1 at the active sites of ``x``."""
+    ones = x.features.new_ones(x.num_active, 1)
+    return _scatter(ones, x.indices, x.batch_size, x.spatial_shape)
