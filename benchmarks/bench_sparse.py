@@ -1,4 +1,4 @@
-"""Benchmark: SparseLatentDiffuser + SparseFeaturePyramid, reference backend vs spconv, on CPU.
+"""Benchmark: SparseLatentDiffuser + SparseFeaturePyramid, sparse backends side by side, on CPU.
 
 Input: an LSS volume of the preset's size ([B, 128, 128, 128, 10] for nuScenes; B = ``--batch``,
 default 1) whose active voxels form a random blob-like mask (a smoothed noise field, thresholded)
@@ -8,6 +8,8 @@ configuration runs in a fresh subprocess (so its peak RSS is its own): one warm-
 
     python benchmarks/bench_sparse.py                       # nuScenes preset, forward and fwd+bwd
     python benchmarks/bench_sparse.py --preset spotocc_kitti --modes forward
+    python benchmarks/bench_sparse.py --preset synthetic_tiny --batch 2 --density 0.66 \
+        --configs reference:2 dense:2 --repeats 5    # the dense backend where the grid is small
 
 Wall time is what a user waits; on a shared machine the process CPU time (all threads summed) is the
 steadier measure of work. Peak memory = max RSS during the timed runs minus RSS before the first

@@ -24,6 +24,7 @@ def config() -> Config:
     # forcing; kept so (not re-measured with the new one)
     cfg.train.depth_teacher_forcing = 0.0
     cfg.train.epochs, cfg.train.lr_steps = 9, (8,)
+    cfg.model.sparse_backend = "auto"  # and the reference sparse backend on the CPU
     cfg.grid = GridConfig(
         point_cloud_range=(-40.0, -40.0, -1.0, 40.0, 40.0, 5.4), occ_size=(100, 100, 8), lss_downsample=2
     )

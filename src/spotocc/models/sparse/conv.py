@@ -9,7 +9,7 @@ Backends (``backend=`` of every conv, ``ModelConfig.sparse_backend`` for a whole
 - ``"reference"`` (:mod:`.reference`): pure PyTorch, any device, the numerical oracle for spconv.
 - ``"spconv"`` (:mod:`.spconv_backend`): spconv 2.x, the fast GPU path (with CPU workarounds).
 - ``"dense"`` (:mod:`.dense_backend`): ``conv3d`` on the zero-filled grid, read at the active sites;
-  for small, mostly active grids (``synthetic_tiny`` on the CPU). Never chosen by ``"auto"``.
+  for mostly active grids (``synthetic_tiny``). Never chosen by ``"auto"``.
 - ``"auto"`` (default): spconv for CUDA tensors when importable, the reference backend otherwise.
   The CPU default is the reference backend because spconv's CPU build is neither faster nor safe
   there. Set ``SPOTOCC_DISABLE_SPCONV=1`` to never use spconv (a warning says so when it matters).
