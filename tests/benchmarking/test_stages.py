@@ -86,7 +86,7 @@ def test_compare_times_both_models_in_both_modes_and_reports_ratios():
     result = benchmark([spot, baseline], repeats=2, warmup=0)
     json.dumps(result)  # JSON-able as it is
     assert result["setup"]["presets"] == ["synthetic_tiny", "sparseocc_tiny"]
-    assert result["setup"]["sparse_backend"] == {"synthetic_tiny": "reference", "sparseocc_tiny": "reference"}
+    assert result["setup"]["sparse_backend"] == {"synthetic_tiny": "dense", "sparseocc_tiny": "dense"}
     for name in ("synthetic_tiny", "sparseocc_tiny"):
         _check_stats(result["runs"][name]["infer"], INFER_STAGES)
         _check_stats(result["runs"][name]["train"], TRAIN_STAGES)

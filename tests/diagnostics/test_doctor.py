@@ -64,7 +64,7 @@ def test_report_details(full_run):
     assert "largest relative error float32" in sparse and "float16" in sparse
     fp32 = details["synthetic_tiny training step + prediction, float32"]
     bf16 = details["synthetic_tiny training step + prediction, bf16 autocast"]
-    assert fp32.startswith("loss ") and "batch 2, sparse backend reference" in fp32
+    assert fp32.startswith("loss ") and "batch 2, sparse backend dense" in fp32  # synthetic_tiny's
     assert "from float32)" in bf16  # compared with the float32 loss of the same weights and batch
     assert "peak resident memory" in fp32  # Linux: /proc/self/status
     # the printout: versions, problems, one line per check, the verdict
