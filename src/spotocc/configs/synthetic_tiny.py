@@ -44,7 +44,8 @@ Evidence (``spotocc diagnose coverage|memorise|depth``, 8 generated training sce
   A quickstart epoch went from 35 s to 23 s (idle 2-core machine).
 - 18 epochs (``lr_steps=(17,)``) in the time the 12 took before: held-out SC IoU / mIoU / car /
   building 39.4 / 8.58 / 13.5 / 7.7 against 35.8 / 8.98 / 13.8 / 7.4 for 12 epochs (seed 0; inside the
-  run-to-run spread), and 27 epochs had given mIoU 10.15 and building 11.7. Tried at 18 epochs without
+  run-to-run spread); on the scenes of seed 1, SC IoU / mIoU 32.1 / 8.13 against 33.2 / 6.26 for 12
+  epochs (prior 19.2 / 3.11); 27 epochs had given mIoU 10.15 and building 11.7. Tried at 18 epochs without
   a clear gain: ``depth_loss_weight=10`` (38.1 / 8.59 / 11.9 / 10.4); batch 1 at 12 epochs (37.7 /
   8.77 / 12.4 / 9.6), with ``depth_loss_weight=10`` (36.5 / 8.27 / 12.9 / 7.7).
 
