@@ -16,7 +16,6 @@ never picks it: the reference backend stays the CPU default and the oracle for s
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,13 +36,13 @@ def dense_conv(
     if kind not in ("subm", "regular", "transposed"):
         raise ValueError(f"dense_conv: unknown conv kind {kind!r}")
     with autocast_off(x.features.device):  # the features' dtype, as in the other backends
-        volume = _scatter(x.features, x.indices, x.batch_size, x.spatial_shape)  # [B, C_in, X, Y, Z]
+        volume = x.dense()  # [B, C_in, X, Y, Z]
         w = weight.to(x.features.dtype)
         if kind == "subm":
             out = F.conv3d(volume, w.permute(0, 4, 1, 2, 3), padding=tuple(k // 2 for k in kernel))
             indices = x.indices
         else:
-            occupied = _occupancy(x)  # [B, 1, X, Y, Z]
+            occupied = x.replace_feature(x.features.new_ones(x.num_active, 1)).dense()  # [B, 1, X, Y, Z]
             ones = occupied.new_ones(1, 1, *kernel)
             if kind == "regular":
                 out = F.conv3d(volume, w.permute(0, 4, 1, 2, 3), stride=stride, padding=padding)
@@ -53,27 +52,7 @@ def dense_conv(
                 reached = F.conv_transpose3d(occupied, ones, stride=stride, padding=padding)
             indices = (reached[:, 0] > 0.5).nonzero().to(torch.int32)  # [M, 4], row-major order
         out_shape = tuple(int(n) for n in out.shape[2:])
-        rows = _rows(indices, out_shape)  # [M]
+        idx = indices.long()
+        rows = linear_keys(idx[:, 1:], out_shape, batch=idx[:, 0])  # [M] rows of a channels-last grid
         features = out.permute(0, 2, 3, 4, 1).reshape(-1, out.shape[1]).index_select(0, rows)  # [M, C_out]
     return features, indices, out_shape
-
-
-def _rows(indices: Tensor, shape: Int3) -> Tensor:
-    """int64 [N]: the row of each site (b, x, y, z) in a [B*X*Y*Z, C] channels-last grid."""
-    idx = indices.long()
-    return linear_keys(idx[:, 1:], shape, batch=idx[:, 0])
-
-
-def _scatter(features: Tensor, indices: Tensor, batch_size: int, shape: Int3) -> Tensor:
-    """[B, C, X, Y, Z] (contiguous) with ``features`` [N, C] at the sites ``indices`` and zeros elsewhere.
-    ``index_copy`` and ``index_select``: their backward passes are a gather and a scatter-add, much
-    faster on the CPU than advanced indexing's (a sorting ``index_put``)."""
-    grid = features.new_zeros(batch_size * math.prod(shape), features.shape[1])  # [B*X*Y*Z, C]
-    grid = grid.index_copy(0, _rows(indices, shape), features)
-    return grid.view(batch_size, *shape, -1).permute(0, 4, 1, 2, 3).contiguous()
-
-
-def _occupancy(x: SparseTensor) -> Tensor:
-    """float [B, 1, X, Y, Z]: 1 at the active sites of ``x``."""
-    ones = x.features.new_ones(x.num_active, 1)
-    return _scatter(ones, x.indices, x.batch_size, x.spatial_shape)
