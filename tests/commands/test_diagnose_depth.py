@@ -37,7 +37,7 @@ def _model(cfg):
 
 
 def test_sums_by_hand():
-    acc = DepthAccuracy(("empty", "a", "b"), tolerance=1, bin_size=0.5)
+    acc = DepthAccuracy(("empty", "a", "b"), tolerance=1, bin_size=0.5, min_depth=2.0, band_width=1.0)
     probs = torch.tensor(
         [
             [0.1, 0.6, 0.2, 0.1, 0.0],  # class a, reference bin 2: argmax 1 is within 1 bin
@@ -52,6 +52,14 @@ def test_sums_by_hand():
     assert acc.cells == [0, 2, 1] and acc.lidar_cells == [0, 1, 1] and acc.argmax_within == [0, 1, 1]
     assert acc.prob_within == pytest.approx([0.0, (0.6 + 0.2 + 0.1) + (0.0 + 0.1), 1.0])
     assert acc.argmax_error_m == pytest.approx([0.0, 0.5 + 2.0, 0.0])
+    assert acc.argmax_signed_m == pytest.approx([0.0, -0.5 - 2.0, 0.0])
+    # bands of 1 m from 2 m: bin 2 (3 m) is band 1, bin 4 (4 m) band 2; the unlabelled cell is not counted
+    assert acc.band_cells == [0, 1, 2] and acc.band_within == [0, 1, 1]
+    assert acc.band_signed_m == pytest.approx([0.0, -0.5, -2.0])
+    assert acc.band_rows() == [
+        ("3..4 m", {"cells": 1, "argmax_within_pct": 100.0, "bias_m": -0.5}),
+        ("4..5 m", {"cells": 2, "argmax_within_pct": 50.0, "bias_m": -1.0}),
+    ]
     rows = dict(acc.rows())
     assert list(rows) == ["a", "b", "all"]
     assert rows["a"] == pytest.approx(
@@ -61,6 +69,7 @@ def test_sums_by_hand():
             "argmax_within_pct": 50.0,
             "prob_within_pct": 50.0,
             "argmax_error_m": 1.25,
+            "bias_m": -1.25,
         }
     )
     assert rows["all"]["cells"] == 3 and rows["all"]["argmax_within_pct"] == pytest.approx(200 / 3)
@@ -79,7 +88,8 @@ def test_one_hot_oracle_depth_is_scored_perfect_for_every_class(scenes):
             for name, row in rows.items():
                 assert row["argmax_within_pct"] == 100.0, name
                 assert row["prob_within_pct"] == pytest.approx(100.0, abs=1e-4), name
-                assert row["argmax_error_m"] == 0.0, name
+                assert row["argmax_error_m"] == 0.0 and row["bias_m"] == 0.0, name
+            assert all(band["bias_m"] == 0.0 for _, band in acc.band_rows())
             counted += rows["all"]["cells"]
     assert counted > 10
 
@@ -123,6 +133,11 @@ def test_command_on_a_saved_checkpoint(scenes, tmp_path, capsys):
     assert list(report["classes"]) == list(expected)
     for name, row in expected.items():
         assert report["classes"][name] == pytest.approx(row), name
+    bands = dict(measure_depth_accuracy(model, cfg, samples, 2).band_rows())
+    assert list(report["depth_bands"]) == list(bands) and len(bands) > 1
+    for name, band in bands.items():
+        assert report["depth_bands"][name] == pytest.approx(band), name
+    assert sum(band["cells"] for band in bands.values()) == expected["all"]["cells"]
     for name, row in expected.items():
         assert any(line.split()[:2] == [name, str(row["cells"])] for line in printed.splitlines())
 

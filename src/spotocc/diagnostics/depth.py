@@ -10,8 +10,11 @@ reference depth is binned to the nearest bin (``fix_bin_offset=True``), whatever
 were, since that is where the feature belongs.
 
 Per class: the cells, how many of them have a LiDAR point, the share whose most likely bin lies within
-``tolerance`` bins of the reference, the mean probability within those bins, and the mean distance in
-metres between the most likely bin and the reference bin.
+``tolerance`` bins of the reference, the mean probability within those bins, the mean distance in
+metres between the most likely bin and the reference bin, and its mean signed value (the bias:
+negative when the net places the class too near). The same accuracy and bias per band of reference
+depth (10 m wide) show whether the error grows with distance, as it does for a depth net that has
+learned the near, frequent depths and pulls the rare far ones towards them.
 """
 
 from __future__ import annotations
@@ -51,10 +54,17 @@ class DepthAccuracy:
     argmax_within: list[int] = field(default_factory=list)
     prob_within: list[float] = field(default_factory=list)  # summed probability within tolerance
     argmax_error_m: list[float] = field(default_factory=list)  # summed |argmax bin - reference| in m
+    argmax_signed_m: list[float] = field(default_factory=list)  # summed (argmax bin - reference) in m
+    min_depth: float = 0.0  # metres at bin 0 (the first bin's depth), for the distance bands
+    band_width: float = 10.0  # metres per distance band
+    # per band of reference depth b = floor((depth - min_depth) / band_width), all classes together
+    band_cells: list[int] = field(default_factory=list)
+    band_within: list[int] = field(default_factory=list)
+    band_signed_m: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         c = len(self.class_names)
-        for name in ("cells", "lidar_cells", "argmax_within", "prob_within", "argmax_error_m"):
+        for name in _CLASS_SUMS:
             setattr(self, name, list(getattr(self, name)) or [0] * c)
 
     def add(
@@ -74,14 +84,17 @@ class DepthAccuracy:
             "argmax_within": ((argmax - bins).abs() <= self.tolerance).double(),
             "prob_within": near.sum(dim=1).double(),
             "argmax_error_m": (argmax - bins).abs().double() * self.bin_size,
+            "argmax_signed_m": (argmax - bins).double() * self.bin_size,
         }
         keep = labels > 0
         for name, values in stats.items():
-            per_class = torch.zeros(len(self.class_names), dtype=torch.float64, device=bins.device)
-            per_class.index_add_(0, labels[keep], values[keep])
+            _add_by_index(getattr(self, name), labels[keep], values[keep], integer=name in _COUNTS)
+        band = (bins[keep] * self.bin_size / self.band_width).floor().long()  # [K] band of each cell
+        num_bands = int(band.max()) + 1 if band.numel() else 0
+        for name, source in _BAND_SUMS.items():
             total = getattr(self, name)
-            for c, v in enumerate(per_class.tolist()):
-                total[c] += int(round(v)) if name in ("cells", "lidar_cells", "argmax_within") else v
+            total.extend([0] * (num_bands - len(total)))
+            _add_by_index(total, band, stats[source][keep], integer=name in _COUNTS)
 
     def rows(self) -> list[tuple[str, dict[str, float]]]:
         """(class name, shares in percent / mean error in m) for every class with cells, then 'all'."""
@@ -100,6 +113,27 @@ class DepthAccuracy:
                         "argmax_within_pct": 100.0 * sum(self.argmax_within[c] for c in members) / n,
                         "prob_within_pct": 100.0 * sum(self.prob_within[c] for c in members) / n,
                         "argmax_error_m": sum(self.argmax_error_m[c] for c in members) / n,
+                        "bias_m": sum(self.argmax_signed_m[c] for c in members) / n,
+                    },
+                )
+            )
+        return out
+
+    def band_rows(self) -> list[tuple[str, dict[str, float]]]:
+        """(depth band "lo..hi m", cells / share within tolerance in percent / mean signed error in m)
+        for every band of reference depth with cells, all classes together."""
+        out = []
+        for b, n in enumerate(self.band_cells):
+            if n == 0:
+                continue
+            lo = self.min_depth + b * self.band_width
+            out.append(
+                (
+                    f"{lo:g}..{lo + self.band_width:g} m",
+                    {
+                        "cells": n,
+                        "argmax_within_pct": 100.0 * self.band_within[b] / n,
+                        "bias_m": self.band_signed_m[b] / n,
                     },
                 )
             )
@@ -111,7 +145,20 @@ class DepthAccuracy:
             "tolerance_bins": self.tolerance,
             "bin_size_m": self.bin_size,
             "classes": {name: values for name, values in self.rows()},
+            "depth_bands": {name: values for name, values in self.band_rows()},
         }
+
+
+_CLASS_SUMS = ("cells", "lidar_cells", "argmax_within", "prob_within", "argmax_error_m", "argmax_signed_m")
+_BAND_SUMS = {"band_cells": "cells", "band_within": "argmax_within", "band_signed_m": "argmax_signed_m"}
+_COUNTS = ("cells", "lidar_cells", "argmax_within", "band_cells", "band_within")  # kept as int
+
+
+def _add_by_index(total: list, index: torch.Tensor, values: torch.Tensor, *, integer: bool) -> None:
+    """total[i] += the sum of ``values`` [K] where ``index`` [K] == i, for every i < len(total)."""
+    sums = torch.zeros(len(total), dtype=torch.float64, device=values.device).index_add_(0, index, values)
+    for i, v in enumerate(sums.tolist()):
+        total[i] += int(round(v)) if integer else v
 
 
 def cell_depth_references(
@@ -151,7 +198,8 @@ def measure_depth_accuracy(
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0 bins, got {tolerance}")
     vt = model.view_transformer
-    total = DepthAccuracy(class_set(cfg.data.class_set)[0], tolerance, float(vt.depth_bound[2]))
+    first_depth, _, bin_size = (float(v) for v in vt.depth_bound)
+    total = DepthAccuracy(class_set(cfg.data.class_set)[0], tolerance, bin_size, min_depth=first_depth)
     model.eval()
     for sample in labelled_samples(dataset, num_samples, "depth accuracy", on_sample):
         batch = move_to_device(collate([sample]), torch.device(device))
@@ -164,9 +212,10 @@ def measure_depth_accuracy(
 
 
 def format_depth_accuracy(acc: DepthAccuracy) -> str:
-    """A text table, one row per class with cells, then 'all'."""
+    """Two text tables: one row per class with cells, then 'all'; then one row per band of reference
+    depth. Bias: the mean signed argmax error (negative = placed too near)."""
     t = acc.tolerance
-    header = ["class", "cells", "LiDAR %", f"argmax +-{t} %", f"prob +-{t} %", "argmax err m"]
+    header = ["class", "cells", "LiDAR %", f"argmax +-{t} %", f"prob +-{t} %", "argmax err m", "bias m"]
     rows = [
         [
             name,
@@ -175,7 +224,13 @@ def format_depth_accuracy(acc: DepthAccuracy) -> str:
             f"{v['argmax_within_pct']:.1f}",
             f"{v['prob_within_pct']:.1f}",
             f"{v['argmax_error_m']:.2f}",
+            f"{v['bias_m']:+.2f}",
         ]
         for name, v in acc.rows()
     ]
-    return text_table(header, rows)
+    bands = [
+        [name, str(v["cells"]), f"{v['argmax_within_pct']:.1f}", f"{v['bias_m']:+.2f}"]
+        for name, v in acc.band_rows()
+    ]
+    band_header = ["reference depth", "cells", f"argmax +-{t} %", "bias m"]
+    return text_table(header, rows) + "\n\n" + text_table(band_header, bands)
