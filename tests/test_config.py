@@ -59,7 +59,7 @@ def test_paper_presets_keep_every_learning_fix_off(name):
     cfg = get_config(name)
     vt = cfg.model.view_transformer
     assert (vt.pool, vt.depth_from_occupancy, vt.fix_depth_bin_offset) == ("sum", False, False)
-    assert (vt.depth_loss_weight, vt.semantic_loss_weight) == (1.0, 0.0)
+    assert (vt.depth_loss_weight, vt.semantic_loss_weight, vt.depth_distance_weighting) == (1.0, 0.0, 0.0)
     assert cfg.train.depth_teacher_forcing == 0.0
 
 

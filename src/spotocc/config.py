@@ -102,6 +102,9 @@ class ViewTransformerConfig:
     # each feature cell the class of the first labelled voxel along its ray (dense 2D supervision of what
     # is lifted)
     semantic_loss_weight: float = 0.0
+    # not released: > 0 weighs each feature cell's depth loss by its target depth over this many metres,
+    # at least 1 and at most 4 (far cells are rare and the net pulls them near); 0 = every cell alike
+    depth_distance_weighting: float = 0.0
 
 
 @dataclass

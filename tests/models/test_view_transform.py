@@ -13,6 +13,7 @@ from spotocc.models.view_transform import (
     ViewTransformer,
     camera_parameter_vector,
     depth_bce_loss,
+    depth_distance_weights,
     depth_targets,
     frustum_to_grid,
     image_aug_transform,
@@ -347,6 +348,36 @@ def test_depth_loss_by_hand(fix):
         depth_loss_weight=2,
     )
     assert vt.depth_loss(gt, probs).item() == pytest.approx(2 * hand, rel=1e-5)
+
+
+def test_depth_distance_weighting_by_hand():
+    """Cells weigh their target depth over the reference, in [1, 4]; off (0), the released average."""
+    # 8x8 map, stride 4 -> 2x2 patches; bins (2.0, 4.0, 0.5), fixed offset: depths 2.0, 2.5, 3.0, 3.5
+    gt = torch.zeros(1, 1, 8, 8)
+    gt[0, 0, 0, 0], gt[0, 0, 0, 4], gt[0, 0, 4, 0] = 2.1, 3.4, 2.6  # bins 0, 3, 1; patch (1,1) empty
+    bins, valid = depth_targets(gt, downsample=4, depth_bound=(2.0, 4.0, 0.5), fix_bin_offset=True)
+    assert bins.tolist()[:3] == [0, 3, 1] and valid.tolist() == [True, True, True, False]
+    bin_depths = torch.tensor([2.0, 2.5, 3.0, 3.5])
+    weights = depth_distance_weights(bins[:3], bin_depths, reference=0.5)  # 4.0, 7.0, 5.0 -> capped
+    assert weights.tolist() == [4.0, 4.0, 4.0]
+    weights = depth_distance_weights(bins[:3], bin_depths, reference=2.5)  # 0.8 -> 1, 1.4, 1.0
+    assert weights.tolist() == pytest.approx([1.0, 1.4, 1.0])
+
+    torch.manual_seed(0)
+    probs = torch.randn(1, 4, 2, 2).softmax(dim=1)  # [B*N, D, fH, fW]
+    rows = probs.permute(0, 2, 3, 1).reshape(4, 4)
+    per_cell = [_bce_row(rows[r].tolist(), int(bins[r])) for r in range(3)]
+    hand = (1.0 * per_cell[0] + 1.4 * per_cell[1] + 1.0 * per_cell[2]) / 3.4
+    common = dict(depth_bound=(2.0, 4.0, 0.5), downsample=4, input_size=(8, 8), fix_depth_bin_offset=True)
+    weighted = _tiny_view_transformer(**common, depth_distance_weighting=2.5, depth_loss_weight=3.0)
+    assert weighted.depth_loss(gt, probs).item() == pytest.approx(3.0 * hand, rel=1e-5)
+    released = _tiny_view_transformer(**common)
+    assert released.depth_loss(gt, probs).item() == pytest.approx(sum(per_cell) / 3, rel=1e-5)
+    # a weight of 1 everywhere is the released average; the padding cell never counts
+    ones = torch.tensor([1.0, 1.0, 1.0, 9.0])
+    assert depth_bce_loss(probs, bins, valid, ones).item() == pytest.approx(sum(per_cell) / 3, rel=1e-6)
+    with pytest.raises(ValueError, match="depth_distance_weighting must be >= 0"):
+        _tiny_view_transformer(depth_distance_weighting=-1.0)
 
 
 def test_depth_loss_without_valid_cells_is_zero():

@@ -14,7 +14,7 @@ from spotocc.models.heads.spot import SpotOccHead
 from spotocc.models.image_neck import SECONDFPN
 from spotocc.models.sparse.encoder import SparseLatentDiffuser
 from spotocc.models.sparse.pyramid import SparseFeaturePyramid
-from spotocc.models.view_transform import ViewTransformer, depth_bce_loss
+from spotocc.models.view_transform import ViewTransformer
 
 HEADS: dict[str, type[nn.Module]] = {"spot": SpotOccHead, "sparseocc": SparseOccHead}
 
@@ -147,7 +147,7 @@ class OccupancyModel(nn.Module):
         ``view_transformer.depth_from_occupancy``); depth_prob [B*N, D, fH, fW] from :meth:`lift`;
         ``targets``: the batch's :meth:`depth_target_bins` when already computed."""
         bins, valid = self.depth_target_bins(batch) if targets is None else targets
-        return self.view_transformer.depth_loss_weight * depth_bce_loss(depth_prob, bins, valid)
+        return self.view_transformer.weighted_depth_loss(depth_prob, bins, valid)
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -549,9 +549,15 @@ def mix_teacher_depth(
     return torch.where(valid.reshape(bn, 1, fh, fw), mixed, depth_prob)
 
 
-def depth_bce_loss(depth_prob: torch.Tensor, bins: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def depth_bce_loss(
+    depth_prob: torch.Tensor,
+    bins: torch.Tensor,
+    valid: torch.Tensor,
+    cell_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """BCE between softmax probabilities [B*N, D, fH, fW] and one-hot targets, summed over bins and
-    averaged over valid cells (fp32, as released)."""
+    averaged over valid cells (fp32, as released); with ``cell_weight`` [B*N*fH*fW], the weighted
+    average over valid cells instead (see :func:`depth_distance_weights`)."""
     num_bins = depth_prob.shape[1]
     with torch.autocast(device_type=depth_prob.device.type, enabled=False):
         probs = depth_prob.float().permute(0, 2, 3, 1).reshape(-1, num_bins)  # [B*N*fH*fW, D]
@@ -559,7 +565,21 @@ def depth_bce_loss(depth_prob: torch.Tensor, bins: torch.Tensor, valid: torch.Te
         bce = F.binary_cross_entropy(probs, onehot, reduction="none")
         # masking instead of boolean indexing: no host-device synchronisation
         bce = torch.where(valid[:, None], bce, torch.zeros_like(bce))
-        return bce.sum() / valid.sum().clamp(min=1)
+        if cell_weight is None:
+            return bce.sum() / valid.sum().clamp(min=1)
+        weight = torch.where(valid, cell_weight.float(), torch.zeros_like(cell_weight, dtype=torch.float32))
+        return (bce.sum(dim=1) * weight).sum() / weight.sum().clamp(min=1)
+
+
+# Cap of the depth-distance weights: cells at 4x the reference distance and beyond weigh the same.
+DEPTH_DISTANCE_MAX_WEIGHT = 4.0
+
+
+def depth_distance_weights(bins: torch.Tensor, bin_depths: torch.Tensor, reference: float) -> torch.Tensor:
+    """Per-cell depth-loss weights [M]: the target bin's depth over ``reference`` metres, clamped to
+    [1, DEPTH_DISTANCE_MAX_WEIGHT]. Cells up to ``reference`` weigh 1; farther ones, rarer and harder,
+    weigh more (``view_transformer.depth_distance_weighting``). bins [M] int64, bin_depths [D] metres."""
+    return (bin_depths[bins] / reference).clamp(1.0, DEPTH_DISTANCE_MAX_WEIGHT)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -594,6 +614,7 @@ class ViewTransformer(nn.Module):
         depth_from_occupancy: bool = False,
         semantic_loss_weight: float = 0.0,
         num_classes: int = 0,
+        depth_distance_weighting: float = 0.0,
     ) -> None:
         super().__init__()
         if camera_params not in (27, 33):
@@ -610,8 +631,14 @@ class ViewTransformer(nn.Module):
                 "view_transformer.semantic_loss_weight must be >= 0 and needs the head's num_classes "
                 f"(got weight {semantic_loss_weight}, num_classes {num_classes})"
             )
+        if depth_distance_weighting < 0:
+            raise ValueError(
+                "view_transformer.depth_distance_weighting must be >= 0 (metres), "
+                f"got {depth_distance_weighting}"
+            )
         self.pool = pool
         self.depth_from_occupancy = depth_from_occupancy
+        self.depth_distance_weighting = float(depth_distance_weighting)
         self.semantic_loss_weight = semantic_loss_weight
         self.point_cloud_range = tuple(float(v) for v in point_cloud_range)
         self.camera_params = camera_params
@@ -671,6 +698,7 @@ class ViewTransformer(nn.Module):
             depth_from_occupancy=cfg.depth_from_occupancy,
             semantic_loss_weight=cfg.semantic_loss_weight,
             num_classes=num_classes,
+            depth_distance_weighting=cfg.depth_distance_weighting,
         )
 
     def forward(
@@ -768,7 +796,18 @@ class ViewTransformer(nn.Module):
         """Weighted BCE depth loss: gt_depth [B, N, H, W] (0 = no point), depth_prob [B*N, D, fH, fW];
         targets from :meth:`depth_target_bins`."""
         bins, valid = self.depth_target_bins(gt_depth, gt_occ=gt_occ, points=points)
-        return self.depth_loss_weight * depth_bce_loss(depth_prob, bins, valid)
+        return self.weighted_depth_loss(depth_prob, bins, valid)
+
+    def weighted_depth_loss(
+        self, depth_prob: torch.Tensor, bins: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """``depth_loss_weight`` x :func:`depth_bce_loss` of depth_prob [B*N, D, fH, fW] against target
+        bins / valid [B*N*fH*fW], cells weighted by depth under ``depth_distance_weighting``."""
+        cell_weight = None
+        if self.depth_distance_weighting > 0:
+            bin_depths = self.frustum[:, 0, 0, 2]  # [D]
+            cell_weight = depth_distance_weights(bins, bin_depths, self.depth_distance_weighting)
+        return self.depth_loss_weight * depth_bce_loss(depth_prob, bins, valid, cell_weight)
 
     def semantic_loss(
         self, context: torch.Tensor, gt_occ: torch.Tensor, points: torch.Tensor
