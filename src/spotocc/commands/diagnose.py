@@ -19,9 +19,9 @@ stages with a per-voxel classifier instead of the head. See :mod:`spotocc.diagno
 
 ``depth``: per class, how well a trained checkpoint's depth net finds the depth of the surface each
 feature cell sees (LiDAR where the cell has a point, else the first labelled voxel on its ray): the
-share of cells whose most likely bin is within a bin of it, the probability there, the error in
-metres. A class the lift smears along its rays is not learned downstream. See
-:mod:`spotocc.diagnostics.depth`.
+share of cells whose most likely bin is within a bin of it, the probability there, the error and its
+signed mean (bias) in metres; then the same by band of reference depth. A class the lift smears along
+its rays, or places too near, is not learned downstream. See :mod:`spotocc.diagnostics.depth`.
 """
 
 from __future__ import annotations
