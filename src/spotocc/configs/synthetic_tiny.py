@@ -54,9 +54,10 @@ Evidence (``spotocc diagnose coverage|memorise|depth``, 8 generated training sce
   8.58 / 13.5 / 7.7 and 32.1 / 8.13 / 9.5 / 3.9; it predicts more building, much of it in front of
   the facades. ``train.lr=2e-3``: 37.6 / 8.61 / 11.7 / 4.3. No image rotation (``rot_lim=(0, 0)``,
   with the semantic loss): 39.8 / 9.45 / 11.9 / 8.6. Faster steps that learned less per step:
-  ``train.amp=bf16`` (a step 0.82x on an AVX512-BF16 CPU) with ``head.num_points=2048`` (0.88x; the
-  released KITTI preset samples 2.4% of its GT voxels, this one 6.3%) at 27 epochs in about the
-  time of 20: 33.8 / 8.57 / 13.3 / 6.1 against 38.3 / 10.15 / 13.1 / 11.7 for 27 fp32 epochs (seed 0).
+  ``train.amp=bf16`` (a step 0.88x on an AVX512-BF16 CPU, ``benchmarks/bench_train_step.py``) with
+  ``head.num_points=2048`` (0.87x; the released KITTI preset samples 2.4% of its GT voxels, this one
+  6.3%), together 0.76x, at 27 epochs in about the time of 20: 33.8 / 8.57 / 13.3 / 6.1 against
+  38.3 / 10.15 / 13.1 / 11.7 for 27 fp32 epochs (seed 0).
 - What still limits it (``spotocc diagnose depth``, the bias table): the depth net places what is
   within 12 m right (74% of the cells within 1 m, bias 0), but pulls farther surfaces near: bias -3 m
   at 12-22 m, -9 m at 22-32 m, -15 m at 32-42 m on held-out scenes, -7 to -8 m at 22-42 m on the
@@ -64,7 +65,7 @@ Evidence (``spotocc diagnose coverage|memorise|depth``, 8 generated training sce
   not fix it. A facade at 25 m lands in the street: 22% of the voxels the model calls building are
   building.
 - ``view_transformer.depth_distance_weighting=12`` (a cell's depth loss weighs its target depth over
-  12 m, in [1, 4]) removes most of that bias (held-out, seed 0 / seed 1: -2.5 / -7.4 m at 32-42 m
+  12 m, in [1, 4]) cuts that bias (held-out, seed 0 / seed 1: -2.5 / -7.4 m at 32-42 m
   against -14.7 / -14.1; building cells within 1 m 32% / 19% against 26% / 14%), and held-out
   building, truck and mIoU rose on both seeds (9.1 / 17.8 / 9.22 against 7.7 / 14.4 / 8.58; 6.9 /
   10.0 / 8.30 against 3.9 / 7.2 / 8.13), but SC IoU fell (36.6 against 39.4; 31.4 against 32.1):
