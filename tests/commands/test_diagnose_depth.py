@@ -128,12 +128,13 @@ def test_command_on_a_saved_checkpoint(scenes, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("synthetic_tiny: split 'train', 2 samples, depth bins 2..50 m by 2 m")
     report = json.loads(out_json.read_text())
-    expected = dict(measure_depth_accuracy(model, cfg, samples, 2).rows())
+    measured = measure_depth_accuracy(model, cfg, samples, 2)
+    expected = dict(measured.rows())
     assert report["num_samples"] == 2 and report["tolerance_bins"] == 1
     assert list(report["classes"]) == list(expected)
     for name, row in expected.items():
         assert report["classes"][name] == pytest.approx(row), name
-    bands = dict(measure_depth_accuracy(model, cfg, samples, 2).band_rows())
+    bands = dict(measured.band_rows())
     assert list(report["depth_bands"]) == list(bands) and len(bands) > 1
     for name, band in bands.items():
         assert report["depth_bands"][name] == pytest.approx(band), name

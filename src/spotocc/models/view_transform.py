@@ -567,7 +567,7 @@ def depth_bce_loss(
         bce = torch.where(valid[:, None], bce, torch.zeros_like(bce))
         if cell_weight is None:
             return bce.sum() / valid.sum().clamp(min=1)
-        weight = torch.where(valid, cell_weight.float(), torch.zeros_like(cell_weight, dtype=torch.float32))
+        weight = cell_weight.float() * valid  # [B*N*fH*fW], 0 on invalid cells
         return (bce.sum(dim=1) * weight).sum() / weight.sum().clamp(min=1)
 
 
