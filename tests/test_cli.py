@@ -38,6 +38,21 @@ def test_bad_override(tmp_path, capsys):
     assert code == 2 and err.startswith("spotocc info: error: ") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.voxel_neck.mask_upsample=0", "mask_upsample must be >= 1, got 0"),
+        ("model.view_transformer.depth_distance_weighting=-1", "depth_distance_weighting must be >= 0"),
+    ],
+)
+def test_a_model_value_the_modules_refuse_is_a_one_line_error(tmp_path, capsys, override, message):
+    argv = ["train", "synthetic_tiny", override, "--work-dir", str(tmp_path / "w"), "--no-eval"]
+    code, err = run([*argv, "data.root=" + str(tmp_path)], capsys)
+    assert code == 2
+    assert_one_error_line(err, "train", message)
+    assert "config 'synthetic_tiny': " in err
+
+
 def test_unknown_preset(tmp_path, capsys):
     code, err = run(["train", "no_such_preset", "--work-dir", str(tmp_path / "w")], capsys)
     assert code == 2

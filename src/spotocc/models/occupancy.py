@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from spotocc.config import Config
+from spotocc.errors import ConfigError, SpotoccError
 from spotocc.models.backbones import ImageBackbone
 from spotocc.models.heads.sparseocc import SparseOccHead
 from spotocc.models.heads.spot import SpotOccHead
@@ -161,5 +162,14 @@ class OccupancyModel(nn.Module):
 
 
 def build_model(cfg: Config, *, load_pretrained: bool = True) -> OccupancyModel:
-    """The model of a config (``spotocc.config.get_config``); see :class:`OccupancyModel`."""
-    return OccupancyModel.from_config(cfg, load_pretrained=load_pretrained)
+    """The model of a config (``spotocc.config.get_config``); see :class:`OccupancyModel`.
+
+    The modules check their arguments, which come from the config: a value they refuse (e.g. a
+    negative ``view_transformer.depth_distance_weighting``) is a :class:`ConfigError`, i.e. one line
+    for the user and exit status 2 on the command line, not a traceback."""
+    try:
+        return OccupancyModel.from_config(cfg, load_pretrained=load_pretrained)
+    except SpotoccError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"config {cfg.name!r}: {err}") from err
