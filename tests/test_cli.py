@@ -41,7 +41,7 @@ def test_bad_override(tmp_path, capsys):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.voxel_neck.mask_upsample=0", "mask_upsample must be >= 1, got 0"),
+        ("model.voxel_neck.feat_channels=20", "feat_channels 20 is not divisible by num_groups 8"),
         ("model.view_transformer.depth_distance_weighting=-1", "depth_distance_weighting must be >= 0"),
     ],
 )
